@@ -73,7 +73,7 @@ def tiny_tokenizer_dir(kind: str = "wordpiece") -> str:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_corpus(), trainer)
         tok.post_processor = processors.RobertaProcessing(
-            sep=("</s>", tok.token_to_id("</s>")), cls=("<s>", tok.token_to_id("<s>")))
+            ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
         tok.decoder = decoders.ByteLevel()
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
