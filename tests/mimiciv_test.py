@@ -1,0 +1,392 @@
+"""Tests for data_prep.mimiciv: each recipe step on tiny hand-made MIMIC-IV files, bad inputs,
+and the full CLI into shards."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.feather as feather
+import pytest
+from utils import tiny_tokenizer_dir
+
+from data_prep import mimiciv
+from data_prep.mimiciv import PrepError
+
+TEXT = "chief complaint chest pain history of hypertension discharge diagnosis heart failure"
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def _write(path: str, rows: list[dict] | pd.DataFrame, columns: list[str]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    df = pd.DataFrame(rows, columns=columns)
+    df.to_csv(path, index=False, compression="gzip")
+    return path
+
+
+def write_mimic(root, notes, diagnoses, procedures=(), d_diagnoses=(), d_procedures=(),
+                version="2.2", note_version="2.2") -> str:
+    """Write the five files in the PhysioNet layout; rows are tuples (see column lists)."""
+    root = str(root)
+    hosp = os.path.join(root, "mimiciv", version, "hosp")
+    _write(os.path.join(root, "mimic-iv-note", note_version, "note", "discharge.csv.gz"),
+           [dict(note_id=f"{s}-DS-{i}", subject_id=s, hadm_id=h, note_type="DS", note_seq=i,
+                 charttime="2180-01-01 00:00:00", storetime="", text=t)
+            for i, (s, h, t) in enumerate(notes)],
+           ["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime",
+            "storetime", "text"])
+    for name, rows in (("diagnoses_icd", diagnoses), ("procedures_icd", procedures)):
+        _write(os.path.join(hosp, f"{name}.csv.gz"),
+               [dict(subject_id=1, hadm_id=h, seq_num=1, icd_code=c, icd_version=v)
+                for h, c, v in rows],
+               ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"])
+    for name, rows in (("d_icd_diagnoses", d_diagnoses), ("d_icd_procedures", d_procedures)):
+        _write(os.path.join(hosp, f"{name}.csv.gz"),
+               [dict(icd_code=c, icd_version=v, long_title=t) for c, v, t in rows],
+               ["icd_code", "icd_version", "long_title"])
+    return root
+
+
+def small_corpus(root, n: int = 24) -> str:
+    """n ICD-10 admissions (hadm 100+i, subject i // 2), 4 ICD-9 ones and one ICD-10 admission
+    without a note; every code occurs at least twice."""
+    notes, diag, proc = [], [], []
+    for i in range(n):
+        hadm = 100 + i
+        notes.append((i // 2, hadm, f"{TEXT} number {i} " * (1 + i % 3)))
+        diag += [(hadm, "I5023", 10), (hadm, "I10" if i % 2 else "E119", 10)]
+        if i % 3 == 0:
+            proc.append((hadm, "0DTJ4ZZ", 10))
+    for j in range(4):
+        hadm = 900 + j
+        notes.append((500 + j, hadm, TEXT))
+        diag.append((hadm, "4019", 9))
+        proc.append((hadm, "3893", 9))
+    diag.append((999, "I10", 10))                    # an admission without a note
+    d_diag = [("I5023", 10, "Acute on chronic systolic heart failure"),
+              ("I10", 10, "Essential (primary) hypertension"),
+              ("4019", 9, "Unspecified essential hypertension")]
+    d_proc = [("0DTJ4ZZ", 10, "Resection of appendix")]
+    return write_mimic(root, notes, diag, proc, d_diag, d_proc)
+
+
+@pytest.fixture(scope="module")
+def tok_dir():
+    return tiny_tokenizer_dir("wordpiece")
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def test_find_files_auto_detects_versions_and_nesting(tmp_path):
+    root = tmp_path / "physionet.org" / "files"
+    write_mimic(root, [(1, 1, TEXT)], [(1, "I10", 10)], version="3.1")
+    files = mimiciv.find_files(str(tmp_path))
+    assert (files.mimic_version, files.note_version) == ("3.1", "2.2")
+    assert files.diagnoses.endswith(os.path.join("mimiciv", "3.1", "hosp", "diagnoses_icd.csv.gz"))
+    with pytest.raises(PrepError, match="2.2"):
+        mimiciv.find_files(str(root), mimic_version="2.2")
+
+
+def test_missing_file_names_expected_path(tmp_path):
+    root = write_mimic(tmp_path, [(1, 1, TEXT)], [(1, "I10", 10)])
+    os.remove(os.path.join(root, "mimiciv", "2.2", "hosp", "procedures_icd.csv.gz"))
+    with pytest.raises(PrepError) as e:
+        mimiciv.find_files(root)
+    assert "procedures_icd.csv.gz" in str(e.value) and "--mimic-dir" in str(e.value)
+    with pytest.raises(PrepError, match="mimic-iv-note/ and mimiciv/"):
+        mimiciv.find_files(str(tmp_path / "nowhere"))
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    path = _write(str(tmp_path / "diagnoses_icd.csv.gz"), [dict(hadm_id=1, code="I10",
+                                                                icd_version=10)],
+                  ["hadm_id", "code", "icd_version"])
+    with pytest.raises(PrepError) as e:
+        mimiciv.load_codes(path, "diagnosis", Counter())
+    assert "diagnoses_icd.csv.gz" in str(e.value) and "icd_code" in str(e.value)
+
+
+# ------------------------------------------------------------------------------ codes
+
+
+def test_load_codes_formats_dedupes_and_drops_null(tmp_path):
+    path = _write(str(tmp_path / "d.csv.gz"), [
+        dict(hadm_id=1, icd_code="4019", icd_version=9),
+        dict(hadm_id=1, icd_code="4019", icd_version=9),     # duplicate
+        dict(hadm_id=1, icd_code="0389", icd_version=9),     # leading zero survives
+        dict(hadm_id=1, icd_code=None, icd_version=9),       # null code
+        dict(hadm_id=2, icd_code="I5023", icd_version=10),
+        dict(hadm_id=2, icd_code="I10", icd_version=10),
+    ], ["hadm_id", "icd_code", "icd_version"])
+    dropped = Counter()
+    df = mimiciv.load_codes(path, "diagnosis", dropped)
+    got = sorted(zip(df["hadm_id"].tolist(), df["code"].tolist(), df["system"].tolist()))
+    assert got == [(1, "038.9", "icd9cm"), (1, "401.9", "icd9cm"),
+                   (2, "I10", "icd10cm"), (2, "I50.23", "icd10cm")]
+    assert dropped["diagnosis_duplicate_code"] == 1
+    assert dropped["diagnosis_null_code_or_hadm_id"] == 1
+    df = mimiciv.load_codes(path, "diagnosis", Counter(), trailing_dot=True)
+    assert "I10." in set(df["code"])
+    assert set(mimiciv.select_version(df, "icd10cm")["hadm_id"]) == {2}
+
+
+@pytest.mark.parametrize("bad", ["4019.0", "42"])
+def test_codes_read_as_numbers_are_explained(tmp_path, bad):
+    path = _write(str(tmp_path / "diagnoses_icd.csv.gz"),
+                  [dict(hadm_id=1, icd_code="4019", icd_version=9),
+                   dict(hadm_id=2, icd_code=bad, icd_version=9)],
+                  ["hadm_id", "icd_code", "icd_version"])
+    with pytest.raises(PrepError) as e:
+        mimiciv.load_codes(path, "diagnosis", Counter())
+    msg = str(e.value)
+    assert "diagnoses_icd.csv.gz" in msg and "icd_code" in msg and bad in msg
+
+
+def test_bad_icd_version_value(tmp_path):
+    path = _write(str(tmp_path / "procedures_icd.csv.gz"),
+                  [dict(hadm_id=1, icd_code="3893", icd_version=11)],
+                  ["hadm_id", "icd_code", "icd_version"])
+    with pytest.raises(PrepError, match="icd_version.*11"):
+        mimiciv.load_codes(path, "procedure", Counter())
+
+
+def test_unparsable_id_names_file(tmp_path):
+    path = _write(str(tmp_path / "diagnoses_icd.csv.gz"),
+                  [dict(hadm_id="abc", icd_code="I10", icd_version=10)],
+                  ["hadm_id", "icd_code", "icd_version"])
+    with pytest.raises(PrepError, match="diagnoses_icd.csv.gz"):
+        mimiciv.load_codes(path, "diagnosis", Counter())
+
+
+# ------------------------------------------------------------------------------ notes
+
+
+def test_load_notes_drops_and_dedupes(tmp_path):
+    root = write_mimic(tmp_path, [
+        (1, 10, "first note"),
+        (1, 10, "first note"),          # duplicate (hadm_id, text)
+        (1, 10, "second, different"),   # a second note of the admission: first one kept
+        (2, 20, None),                  # null text
+        (2, 21, "   \n "),              # empty text
+        (3, 30, "no codes for me"),     # admission without codes
+        (4, 40, "multi\nline, \"quoted\" text"),
+    ], [])
+    path = os.path.join(root, "mimic-iv-note", "2.2", "note", "discharge.csv.gz")
+    dropped = Counter()
+    table, adm = mimiciv.load_notes(path, np.array([10, 20, 21, 40]), dropped)
+    assert adm["hadm_id"].tolist() == [10, 40]
+    assert adm["subject_id"].tolist() == [1, 4]
+    texts = mimiciv.TextColumn(table["text"]).take(adm["row"].to_numpy())
+    assert texts == ["first note", "multi\nline, \"quoted\" text"]
+    assert dropped == Counter(null_text=1, empty_text=1, duplicate_note=1,
+                              extra_note_per_admission=1, note_without_codes_of_version=1)
+
+
+def test_text_column_takes_across_chunks():
+    column = pa.chunked_array([["a", "b"], [], ["c"], ["d", "e", "f"]])
+    assert mimiciv.TextColumn(column).take(np.array([5, 0, 2, 3, 1])) == ["f", "a", "c", "d", "b"]
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def test_split_file_feather_and_csv(tmp_path):
+    df = pd.DataFrame({"_id": [1, 2, 3], "split": ["train", "val", "test"]})
+    feather.write_feather(df, str(tmp_path / "s.feather"))
+    df.to_csv(tmp_path / "s.csv", index=False)
+    for name in ("s.feather", "s.csv"):
+        got = mimiciv.read_split_file(str(tmp_path / name))
+        assert got.to_dict("list") == {"_id": [1, 2, 3], "split": ["train", "val", "test"]}
+
+
+def test_split_file_errors(tmp_path):
+    pd.DataFrame({"_id": [1, 2], "split": ["train", "dev"]}).to_csv(tmp_path / "a.csv",
+                                                                    index=False)
+    with pytest.raises(PrepError, match="a.csv.*split.*'dev'"):
+        mimiciv.read_split_file(str(tmp_path / "a.csv"))
+    pd.DataFrame({"hadm_id": [1], "split": ["train"]}).to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(PrepError, match="b.csv.*_id"):
+        mimiciv.read_split_file(str(tmp_path / "b.csv"))
+    pd.DataFrame({"_id": [1, 1], "split": ["train", "test"]}).to_csv(tmp_path / "c.csv",
+                                                                     index=False)
+    with pytest.raises(PrepError, match="more than one split"):
+        mimiciv.read_split_file(str(tmp_path / "c.csv"))
+    with pytest.raises(PrepError, match="does not exist"):
+        mimiciv.read_split_file(str(tmp_path / "missing.feather"))
+
+
+def test_generated_split_is_deterministic_and_patient_level():
+    rng = np.random.default_rng(1)
+    adm = pd.DataFrame({"hadm_id": np.arange(1000), "subject_id": rng.integers(0, 300, 1000)})
+    a, b = mimiciv.make_split(adm, seed=3), mimiciv.make_split(adm, seed=3)
+    assert a.equals(b)
+    assert not a.equals(mimiciv.make_split(adm, seed=4))
+    per_subject = adm.assign(split=a["split"].to_numpy()).groupby("subject_id")["split"].nunique()
+    assert per_subject.max() == 1
+    n_subjects = adm["subject_id"].nunique()
+    by_split = adm.assign(split=a["split"].to_numpy()).groupby("split")["subject_id"].nunique()
+    assert by_split["test"] == round(0.15 * n_subjects)
+    assert by_split["val"] == round(0.10 * (n_subjects - by_split["test"]))
+
+
+def test_apply_split_counts_and_zero_match():
+    adm = pd.DataFrame({"hadm_id": [1, 2, 3], "subject_id": [1, 1, 2], "row": [0, 1, 2]})
+    dropped = Counter()
+    out = mimiciv.apply_split(adm, pd.DataFrame({"_id": [1, 3, 7], "split": ["train", "test",
+                                                                             "val"]}),
+                              dropped, "file:s.feather")
+    assert out[["hadm_id", "split"]].values.tolist() == [[1, "train"], [3, "test"]]
+    assert dropped["not_in_split"] == 1
+    with pytest.raises(PrepError) as e:
+        mimiciv.apply_split(adm, pd.DataFrame({"_id": [8, 9], "split": ["train", "test"]}),
+                            Counter(), "file:s.feather")
+    msg = str(e.value)
+    assert "s.feather" in msg and "2 _id" in msg and "3 admissions" in msg
+
+
+# ------------------------------------------------------------------------------ labels
+
+
+def _codes(rows):
+    return pd.DataFrame(rows, columns=["hadm_id", "code", "system"])
+
+
+def test_rare_filter_counts_over_all_splits_per_column():
+    ids = np.arange(20)
+    # A: 6 train + 4 test admissions = 10 -> kept; B: 9 admissions -> dropped.
+    diag = _codes([(i, "A00", "icd10cm") for i in list(range(6)) + list(range(14, 18))]
+                  + [(i, "B00", "icd10cm") for i in range(9)] + [(99, "A00", "icd10cm")])
+    dropped = Counter()
+    kept = mimiciv.filter_rare(diag, ids, 10, dropped, "diagnosis")
+    assert set(kept["code"]) == {"A00"} and len(kept) == 10     # hadm 99 is not an admission
+    assert dropped == Counter(diagnosis_rare_codes=1, diagnosis_rare_code_assignments=9)
+    # Counted per column: a procedure column with its own counts.
+    proc = _codes([(i, "0DTJ4ZZ", "icd10pcs") for i in range(3)])
+    assert len(mimiciv.filter_rare(proc, ids, 3, Counter(), "procedure")) == 3
+    assert len(mimiciv.filter_rare(proc, ids, 4, Counter(), "procedure")) == 0
+
+
+def test_label_space_and_targets():
+    diag = _codes([(1, "I50.23", "icd10cm"), (1, "I10", "icd10cm"), (2, "I10", "icd10cm")])
+    proc = _codes([(1, "0DTJ4ZZ", "icd10pcs"), (3, "02HV33Z", "icd10pcs")])
+    labels, systems = mimiciv.label_space(diag, proc)
+    assert labels == ["02HV33Z", "0DTJ4ZZ", "I10", "I50.23"]
+    assert systems == ["icd10pcs", "icd10pcs", "icd10cm", "icd10cm"]
+    adm = pd.DataFrame({"hadm_id": [1, 2, 3, 4], "split": ["train"] * 4})
+    dropped = Counter()
+    kept, targets = mimiciv.build_targets(adm, diag, proc, labels, dropped)
+    assert kept["hadm_id"].tolist() == [1, 2, 3]
+    assert dropped["empty_target"] == 1
+    assert {k: v.tolist() for k, v in targets.items()} == {1: [1, 2, 3], 2: [2], 3: [0]}
+    assert all(v.dtype == np.int32 for v in targets.values())
+
+
+# ------------------------------------------------------------------------------ text
+
+
+def test_sigir_cleaning_exact():
+    text = "Pt. Admitted 2/3 w/ CHF (EF 25%);\n  BP 120/80, given 40mg Lasix x2 ___ Café"
+    assert mimiciv.clean_text_sigir(text) == "pt admitted w chf ef bp given 40mg lasix x2 caf"
+    assert mimiciv.truncate_words("a b  c\nd", 3) == "a b c"
+    long = " ".join(["word"] * 4100)
+    assert len(mimiciv.prepare_text(long, "sigir2023").split()) == 4000
+    assert mimiciv.prepare_text(text, "emnlp2024") == text        # raw: untouched
+
+
+def test_tokenize_special_tokens_and_truncation(tok_dir):
+    tok, _ = mimiciv.load_tokenizer(tok_dir)
+    short, long = mimiciv.tokenize(tok, [TEXT, TEXT * 20], max_length=32)
+    assert short[0] == tok.cls_token_id and short[-1] == tok.sep_token_id
+    assert short.dtype == np.int32 and len(short) < 32
+    assert len(long) == 32 and long[0] == tok.cls_token_id and long[-1] == tok.sep_token_id
+    assert np.count_nonzero(long == tok.cls_token_id) == 1
+    assert np.count_nonzero(long == tok.sep_token_id) == 1
+    ids, mask = mimiciv.tokenize_descriptions(tok, ["heart failure", TEXT * 20, ""])
+    assert ids.shape == mask.shape == (3, 64) and ids.dtype == np.int32 and mask.dtype == np.int8
+    assert ids[0, 0] == tok.cls_token_id and mask[0].sum() < 64 and mask[1].sum() == 64
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(PrepError, match="not a folder"):
+        mimiciv.load_tokenizer(str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _run(capsys, *argv):
+    code = mimiciv.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_cli_end_to_end_into_shards(tmp_path, tok_dir, capsys):
+    from data_prep import shards
+
+    root = small_corpus(tmp_path / "raw")
+    split = pd.DataFrame({"_id": [100 + i for i in range(24)] + [900, 901, 12345],
+                          "split": ["train"] * 16 + ["val"] * 4 + ["test"] * 4
+                          + ["train", "test", "val"]})
+    feather.write_feather(split, str(tmp_path / "split.feather"))
+    out = tmp_path / "icd10"
+    code, err = _run(capsys, "--mimic-dir", root, "--out", out, "--tokenizer", tok_dir,
+                     "--split-file", tmp_path / "split.feather", "--min-code-count", 2,
+                     "--max-length", 16, "--batch-size", 5)
+    assert code == 0, err
+    ds = shards.open_dataset(out)
+    assert ds.label_space == ["0DTJ4ZZ", "E11.9", "I10", "I50.23"]    # ICD-9 codes excluded
+    assert ds.metadata["label_systems"] == ["icd10pcs", "icd10cm", "icd10cm", "icd10cm"]
+    assert ds.descriptions[0] == "Resection of appendix" and ds.descriptions[1] == ""
+    assert ds.description_ids.shape == (4, 64)
+    meta = ds.metadata
+    assert meta["split_source"] == "file:split.feather" and meta["mimic_version"] == "2.2"
+    assert meta["recipe"] == "emnlp2024" and meta["icd_version"] == 10
+    assert {s: meta["counts"][s]["documents"] for s in ("train", "val", "test")} == {
+        "train": 16, "val": 4, "test": 4}
+    assert meta["counts"]["train"]["codes"] == {"icd10cm": 32, "icd10pcs": 6}
+    assert meta["train_label_counts"] == [6, 8, 8, 16]
+    assert meta["dropped"]["note_without_codes_of_version"] == 4     # the ICD-9 admissions
+    assert meta["dropped"]["admission_without_note"] == 1
+    assert meta["prep_config"]["min_code_count"] == 2
+    assert meta["tokenizer"]["sha256"] == shards.tokenizer_identity(tok_dir)["sha256"]
+    src = ds.source("train")
+    ex = src[0]
+    assert int(ex["_id"]) == 100 and ex["label_ids"].tolist() == [0, 1, 3]
+    assert len(ex["input_ids"]) == 16 == int(ex["length"])
+    assert ex["input_ids"][0] == meta["tokenizer"]["cls_token_id"]
+    assert ex["input_ids"][-1] == meta["tokenizer"]["sep_token_id"]
+    # an existing --out is refused (exit 2), not overwritten
+    code, err = _run(capsys, "--mimic-dir", root, "--out", out, "--tokenizer", tok_dir)
+    assert code == 2 and "--overwrite" in err and "Traceback" not in err
+
+
+def test_cli_icd9_sigir_generated_split(tmp_path, tok_dir, capsys, caplog):
+    root = small_corpus(tmp_path / "raw")
+    out = tmp_path / "icd9"
+    code, err = _run(capsys, "--mimic-dir", root, "--out", out, "--tokenizer", tok_dir,
+                     "--icd-version", 9, "--recipe", "sigir2023", "--min-code-count", 1)
+    assert code == 0, err
+    assert "NOT be comparable" in caplog.text
+    assert TEXT not in caplog.text                       # note text is never logged
+    meta = json.loads((out / "metadata.json").read_text())
+    assert json.loads((out / "label_space.json").read_text()) == ["38.93", "401.9"]
+    assert meta["split_source"] == "generated" and meta["recipe"] == "sigir2023"
+    assert sum(meta["counts"][s]["documents"] for s in ("train", "val", "test")) == 4
+
+
+def test_cli_bad_input_exits_2_without_traceback(tmp_path, tok_dir, capsys):
+    root = small_corpus(tmp_path / "raw")
+    pd.DataFrame({"_id": [1, 2], "split": ["train", "test"]}).to_csv(tmp_path / "s.csv",
+                                                                     index=False)
+    code, err = _run(capsys, "--mimic-dir", root, "--out", tmp_path / "o", "--tokenizer",
+                     tok_dir, "--split-file", tmp_path / "s.csv")
+    assert code == 2 and "s.csv" in err and "none of its 2 _id" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+    code, err = _run(capsys, "--mimic-dir", tmp_path, "--out", tmp_path / "o", "--tokenizer",
+                     tok_dir)
+    assert code == 2 and "--mimic-dir" in err
