@@ -1,0 +1,168 @@
+"""PLM-ICD / PLM-CA: a chunked pretrained encoder followed by a label-wise attention head.
+
+Chunked encoding (spec `models.md` §1): token ids [B, T] (T a multiple of the chunk size c; the
+input pipeline pads every batch to a bucket of n·c tokens) are viewed as [B·n, c], encoded
+independently (the encoder restarts position ids in every row), and reshaped back to
+[B, n·c, D]; the head attends over all n·c positions with the [B, n·c] mask.
+
+Attribute names: `encoder` (any module with the contract
+`encoder(input_ids [N, c] int32, attention_mask [N, c], *, deterministic) -> [N, c, D]`) and
+`label_wise_attention` (the head; the reference's name, so head parameter paths match its state
+dict). A chunk that is all padding is passed to the encoder with an all-zero mask: the encoder
+must return finite values for it (its outputs are masked out by the head).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from medcode_jax.models.heads import Dtype, LabelAttention, LabelCrossAttention
+
+HeadType = Literal["cross_attention", "laat"]
+
+
+class PLMICD(nnx.Module):
+    """Chunked encoder + label-wise attention head -> logits [B, C] (fp32)."""
+
+    def __init__(
+        self,
+        encoder: nnx.Module,
+        head: LabelCrossAttention | LabelAttention,
+        *,
+        chunk_size: int,
+        pad_token_id: int,
+        encoder_batch_size: int | None = None,
+    ):
+        """`encoder_batch_size`: if set, encode the B·n chunk rows that many at a time in a
+        `lax.scan` (bounds activation memory; off by default)."""
+        if chunk_size < 1:
+            raise ValueError(f"PLMICD: chunk_size must be >= 1, got {chunk_size}.")
+        if encoder_batch_size is not None and encoder_batch_size < 1:
+            raise ValueError(
+                f"PLMICD: encoder_batch_size must be >= 1 or None, got {encoder_batch_size}."
+            )
+        self.encoder = encoder
+        self.label_wise_attention = head
+        self.chunk_size = chunk_size
+        self.pad_token_id = pad_token_id
+        self.encoder_batch_size = encoder_batch_size
+
+    def encode(
+        self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        """input_ids, attention_mask [B, T] -> (hidden [B, T, D], attention_mask [B, T])."""
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                "PLMICD: input_ids and attention_mask must both be [B, T], got "
+                f"{input_ids.shape} and {attention_mask.shape}."
+            )
+        batch, length = input_ids.shape
+        c = self.chunk_size
+        if length % c != 0:
+            raise ValueError(
+                f"PLMICD: sequence length {length} is not a multiple of chunk_size {c}; pad the "
+                "batch to a whole number of chunks (the input pipeline's buckets do this)."
+            )
+        rows = batch * (length // c)
+        hidden = self._encode_rows(
+            input_ids.reshape(rows, c), attention_mask.reshape(rows, c), deterministic
+        )
+        return hidden.reshape(batch, length, hidden.shape[-1]), attention_mask
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+        return_attention: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """[B, T] -> logits [B, C] fp32 (, label attention [B, C, T] fp32)."""
+        hidden, mask = self.encode(input_ids, attention_mask, deterministic=deterministic)
+        return self.label_wise_attention(hidden, mask, return_attention=return_attention)
+
+    def _encode_rows(self, ids: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        """[N, c] -> [N, c, D], optionally `encoder_batch_size` rows at a time."""
+        size = self.encoder_batch_size
+        rows = ids.shape[0]
+        if size is None or rows <= size:
+            return self.encoder(ids, mask, deterministic=deterministic)
+        steps = -(-rows // size)
+        fill = steps * size - rows
+        ids = jnp.pad(ids, ((0, fill), (0, 0)), constant_values=self.pad_token_id)
+        mask = jnp.pad(mask, ((0, fill), (0, 0)))
+        ids = ids.reshape(steps, size, -1)
+        mask = mask.reshape(steps, size, -1)
+        # Only the RNG state changes during a call (dropout); carry it through the scan and
+        # close over everything else.
+        graphdef, rng_state, rest = nnx.split(self.encoder, nnx.RngState, ...)
+
+        def body(rng_carry: nnx.State, xs: tuple[jax.Array, jax.Array]):
+            encoder = nnx.merge(graphdef, rng_carry, rest)
+            hidden = encoder(xs[0], xs[1], deterministic=deterministic)
+            return nnx.state(encoder, nnx.RngState), hidden
+
+        rng_state, hidden = jax.lax.scan(body, rng_state, (ids, mask))
+        nnx.update(self.encoder, rng_state)
+        return hidden.reshape(steps * size, *hidden.shape[2:])[:rows]
+
+
+def encoder_hidden_size(encoder: nnx.Module, chunk_size: int) -> int:
+    """The encoder's output width D, from an abstract (FLOP-free) call on one chunk."""
+    graphdef, state = nnx.split(encoder)
+
+    def run(state: nnx.State) -> jax.Array:
+        ids = jnp.zeros((1, chunk_size), jnp.int32)
+        return nnx.merge(graphdef, state)(ids, jnp.ones_like(ids), deterministic=True)
+
+    return int(jax.eval_shape(run, state).shape[-1])
+
+
+def create_plmicd(
+    encoder: nnx.Module,
+    *,
+    num_labels: int,
+    head_type: HeadType = "cross_attention",
+    chunk_size: int,
+    pad_token_id: int,
+    scale: float = 1.0,
+    mask_padding: bool = True,
+    encoder_batch_size: int | None = None,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> PLMICD:
+    """PLM-CA (`head_type="cross_attention"`, default) or PLM-ICD (`"laat"`) around `encoder`.
+
+    The head's width is read from the encoder's output. `scale` applies to cross-attention only
+    (LAAT has none); `mask_padding=False` reproduces the reference's unmasked attention.
+    """
+    if num_labels < 1:
+        raise ValueError(f"create_plmicd: num_labels must be >= 1, got {num_labels}.")
+    hidden_size = encoder_hidden_size(encoder, chunk_size)
+    if head_type == "cross_attention":
+        head = LabelCrossAttention(
+            hidden_size, num_labels, scale=scale, mask_padding=mask_padding,
+            rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+        )
+    elif head_type == "laat":
+        if scale != 1.0:
+            raise ValueError(
+                f"create_plmicd: scale={scale} only applies to head_type='cross_attention'; "
+                "LAAT has no score scale — leave scale at 1.0."
+            )
+        head = LabelAttention(
+            hidden_size, num_labels, mask_padding=mask_padding,
+            rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+        )
+    else:
+        raise ValueError(
+            f"create_plmicd: unknown head_type {head_type!r}; use 'cross_attention' or 'laat'."
+        )
+    return PLMICD(
+        encoder, head, chunk_size=chunk_size, pad_token_id=pad_token_id,
+        encoder_batch_size=encoder_batch_size,
+    )
