@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 $(DEMO_RAW)/.complete: | $(STAMP)
-	$(PY) -m data_prep.demo_corpus --out $(DEMO_RAW) --num-admissions 3000 --seed 0
+	$(PY) -m data_prep.demo_corpus --out $(DEMO_RAW) --num-admissions 3000 --seed 0 --words-median 300
 	touch $@
 
 $(DEMO_SHARDS)/metadata.json: $(DEMO_RAW)/.complete
 	$(PY) -m data_prep.mimiciv --mimic-dir $(DEMO_RAW) --out $(DEMO_SHARDS) \
 	    --split-file $(DEMO_RAW)/mimiciv_icd10_split.feather --tokenizer demo:minilm \
-	    --icd-version 10 --max-length 1024 --min-code-count 10
+	    --icd-version 10 --max-length 512 --min-code-count 10
 
 demo-data: $(DEMO_SHARDS)/metadata.json
 

@@ -1,0 +1,188 @@
+"""Loss, optimiser, learning-rate schedule and the jitted train / eval steps.
+
+The train step receives one *global* batch of `global_batch_size` documents, reshapes it to
+[accum, micro, ...] and accumulates fp32 gradients with `lax.scan`; every micro-batch's loss
+is divided by the global number of (valid document, code) pairs, so 2 x 8 equals 16 x 1.
+Dropout keys derive from (seed, step, micro index) only, so a resumed run is exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medcode_jax import sharding as shd
+
+Batch = Mapping[str, jax.Array]
+TRAIN_KEYS = ("input_ids", "attention_mask", "labels", "valid")
+EVAL_KEYS = ("input_ids", "attention_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the optimiser loop carries (and checkpoints)."""
+
+    step: jax.Array           # int32: optimiser steps taken, skipped ones included
+    params: nnx.State         # trainable parameters (fp32)
+    frozen: nnx.State         # parameters kept fixed (e.g. frozen DCA label queries); may be empty
+    opt_state: optax.OptState  # Adam moments etc., mirroring `params` (same shardings)
+    skipped: jax.Array        # int32: updates skipped because of non-finite gradients
+
+
+def warmup_steps_for(total_steps: int, *, warmup_steps: int, warmup_fraction: float) -> int:
+    """Absolute warm-up if `warmup_steps >= 0`, else `warmup_fraction` of all steps."""
+    if warmup_steps >= 0:
+        return min(int(warmup_steps), total_steps)
+    if not 0.0 <= warmup_fraction <= 1.0:
+        raise ValueError(f"config.train.warmup_fraction must be in [0, 1], got {warmup_fraction}")
+    return int(warmup_fraction * total_steps)
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup: int) -> optax.Schedule:
+    """Linear 0 -> peak over `warmup` steps, then linear peak -> 0 at `total_steps`."""
+    if total_steps < 1:
+        raise ValueError(f"total optimiser steps must be >= 1, got {total_steps}")
+    decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(*, b1: float, b2: float, eps: float, weight_decay: float,
+                   clip_norm: float) -> optax.GradientTransformation:
+    """AdamW *without* the learning rate (applied by the step from its own counter, so the
+    schedule keeps moving when an update is skipped, as PyTorch's scheduler does)."""
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+    parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+              optax.add_decayed_weights(weight_decay)]  # explicit, 0 in the recipes
+    return optax.chain(*parts)
+
+
+def bce_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sum of fp32 BCE-with-logits over valid rows and all codes (divide by rows x C)."""
+    per = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
+                                             labels.astype(jnp.float32))
+    return jnp.sum(per * valid.astype(jnp.float32)[:, None])
+
+
+def bce_mean(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """The training loss: BCE with logits, mean over (valid) B x C."""
+    count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0) * labels.shape[-1]
+    return bce_sum(logits, labels, valid) / count
+
+
+def _stream_tags(model: nnx.Module) -> list[str]:
+    return sorted({node.key.tag for _, node in nnx.iter_graph(model)
+                   if isinstance(node, nnx.RngStream)})
+
+
+def _reseed(model: nnx.Module, key: jax.Array) -> None:
+    """Point every rng stream of the model (dropout) at a key derived from `key`."""
+    tags = _stream_tags(model)
+    if tags:
+        nnx.reseed(model, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
+
+
+def _split_micro(x: jax.Array, accum: int, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """[G, ...] -> [accum, G/accum, ...] with micro-batch i = rows i, i+accum, ... so that every
+    micro-batch stays spread over all data-parallel devices."""
+    micro = x.shape[0] // accum
+    x = x.reshape((micro, accum) + x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+    return x
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, accum_steps: int, seed: int,
+                    skip_nonfinite: bool, deterministic: bool = False,
+                    mesh: jax.sharding.Mesh | None = None
+                    ) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict]]:
+    """The (un-jitted) train step `(state, rest, batch) -> (state, metrics)`.
+
+    `rest` holds the model's non-parameter variables (rng streams), never updated.
+    `batch` has TRAIN_KEYS, leading dimension = the global batch (a multiple of accum_steps).
+    """
+    base_key = jax.random.key(seed)
+
+    def loss_fn(params, frozen, rest, mb, key, denom):
+        # fresh Variables for the rng state: reseeding mutates them inside this trace
+        model = nnx.merge(graphdef, params, frozen, jax.tree.map(lambda x: x, rest))
+        if not deterministic:
+            _reseed(model, key)
+        logits = model(mb["input_ids"], mb["attention_mask"], deterministic=deterministic)
+        return bce_sum(logits, mb["labels"], mb["valid"]) / denom
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step(state: TrainState, rest: nnx.State, batch: Batch) -> tuple[TrainState, dict]:
+        global_rows = batch["input_ids"].shape[0]
+        if global_rows % accum_steps:
+            raise ValueError(f"global batch of {global_rows} rows does not divide into "
+                             f"{accum_steps} micro-batches")
+        num_codes = batch["labels"].shape[-1]
+        denom = jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0) * num_codes
+        micro = {k: _split_micro(batch[k], accum_steps, mesh) for k in TRAIN_KEYS}
+        step_key = jax.random.fold_in(base_key, state.step)
+
+        def body(carry, xs):
+            loss_acc, grad_acc = carry
+            index, mb = xs
+            loss, grads = grad_fn(state.params, state.frozen, rest, mb,
+                                  jax.random.fold_in(step_key, index), denom)
+            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+            return (loss_acc + loss, grad_acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (loss, grads), _ = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum_steps), micro))
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lr = jnp.asarray(schedule(state.step), jnp.float32)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            params = keep(params, state.params)
+            opt_state = keep(opt_state, state.opt_state)
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  skipped=skipped)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                   "param_norm": optax.tree.norm(params), "skipped": skipped,
+                   "nonfinite": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
+    """`(params, frozen, rest, batch) -> probabilities` fp32 [B, C] (sigmoid of the logits)."""
+
+    def step(params: nnx.State, frozen: nnx.State, rest: nnx.State, batch: Batch) -> jax.Array:
+        model = nnx.merge(graphdef, params, frozen, rest)
+        logits = model(batch["input_ids"], batch["attention_mask"], deterministic=True)
+        return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+    return step
+
+
+def jit_train_step(step: Callable, state_shardings: Any, rest_shardings: Any,
+                   mesh: jax.sharding.Mesh) -> Callable:
+    """Shardings stated at the jit boundary; the state is donated."""
+    return jax.jit(step, in_shardings=(state_shardings, rest_shardings, shd.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def jit_eval_step(step: Callable, state_shardings: TrainState, rest_shardings: Any,
+                  mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(step, in_shardings=(state_shardings.params, state_shardings.frozen,
+                                       rest_shardings, shd.batch_sharding(mesh)),
+                   out_shardings=shd.batch_sharding(mesh))

@@ -1,0 +1,479 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+One global batch of `train.global_batch_size` documents per optimiser step (accumulated over
+micro-batches inside the jitted step), validation every `eval_every_epochs` epochs at threshold
+0.5, early stopping on validation mAP, then: reload the best checkpoint, tune the threshold on
+validation, evaluate test with it, write metrics.json / predictions / label space / config.
+The same command on the same work directory resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from data_prep import shards
+from medcode_jax import checkpointing, input_pipeline, metrics as metrics_lib
+from medcode_jax import sharding as shd
+from medcode_jax import steps, writers
+from medcode_jax.convert import hf_io
+from medcode_jax.models import encoders, heads, plm_icd
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+HEADS = ("cross_attention", "laat")
+THRESHOLD_FILE = "best_threshold.json"
+PREDICTIONS_FILE = "predictions_test.jsonl"
+DESCRIPTION_BATCH = 64  # descriptions encoded per call for the DCA query init
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built once from the config: data, mesh, model structure, sharded state."""
+
+    config: ml_collections.ConfigDict
+    ds: shards.PreparedDataset
+    mesh: jax.sharding.Mesh
+    encoder_config: encoders.EncoderConfig
+    graphdef: nnx.GraphDef
+    state: steps.TrainState
+    rest: nnx.State            # non-parameter variables (rng streams); never checkpointed
+    state_shardings: steps.TrainState
+    rest_shardings: Any
+    abstract_state: Any        # restore target (ShapeDtypeStructs with shardings)
+    tx: Any
+    schedule: Any
+    steps_per_epoch: int
+    total_steps: int
+    buckets: tuple[int, ...]
+
+    def model(self, state: steps.TrainState | None = None) -> nnx.Module:
+        state = self.state if state is None else state
+        return nnx.merge(self.graphdef, state.params, state.frozen, self.rest)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """Cheap checks that fail before any compilation; returns the accumulation steps."""
+    t = config.train
+    if config.model.head not in HEADS:
+        raise ValueError(f"config.model.head={config.model.head!r}: use one of {HEADS}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"config.train.dtype={t.dtype!r}: use one of {sorted(DTYPES)}")
+    if config.model.freeze_label_queries and not config.model.dca:
+        raise ValueError("config.model.freeze_label_queries=True needs config.model.dca=True "
+                         "(freezing randomly initialised label queries makes no sense)")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not a multiple "
+                         f"of config.train.micro_batch_size={t.micro_batch_size}")
+    shards_n = shd.batch_devices(mesh)
+    for name in ("micro_batch_size", "eval_batch_size"):
+        value = t[name]
+        if value % shards_n or value % jax.process_count():
+            raise ValueError(
+                f"config.train.{name}={value} must be a multiple of the {shards_n} batch shards "
+                f"(mesh data x fsdp = {dict(mesh.shape)}) and of the {jax.process_count()} "
+                f"processes; change it or config.mesh.shape")
+    return t.global_batch_size // t.micro_batch_size
+
+
+def build_model(config: ml_collections.ConfigDict, enc_cfg: encoders.EncoderConfig,
+                num_labels: int, pad_token_id: int, rngs: nnx.Rngs) -> plm_icd.PLMICD:
+    dtype = DTYPES[config.train.dtype]
+    encoder = encoders.build_encoder(enc_cfg, rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
+                                     remat=config.train.remat)
+    return plm_icd.create_plmicd(
+        encoder, num_labels=num_labels, head_type=config.model.head,
+        chunk_size=config.data.chunk_size, pad_token_id=pad_token_id, scale=config.model.scale,
+        mask_padding=config.model.mask_padding, rngs=rngs, dtype=dtype,
+        param_dtype=jnp.float32)
+
+
+def _check_tokenizer(config: ml_collections.ConfigDict, ds: shards.PreparedDataset,
+                     enc_cfg: encoders.EncoderConfig) -> None:
+    tok = ds.metadata.get("tokenizer") or {}
+    if tok.get("vocab_size") and tok["vocab_size"] > enc_cfg.vocab_size:
+        raise shards.DatasetMismatchError(
+            f"the shards' tokenizer has {tok['vocab_size']} tokens but the encoder at "
+            f"{config.encoder.path} has vocab_size {enc_cfg.vocab_size}: prepare the data with "
+            f"this encoder's tokenizer")
+    if any(os.path.isfile(os.path.join(config.encoder.path, f)) for f in shards.TOKENIZER_FILES):
+        ident = shards.tokenizer_identity(config.encoder.path)
+        ds.check_compatible(tokenizer_sha256=ident["sha256"], tokenizer_name=ident["name"])
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+    """Open the data, build the mesh and create the training state, born sharded."""
+    mesh = shd.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    validate_config(config, mesh)
+    ds = shards.open_dataset(config.data.dir)
+    ds.check_compatible(max_length=config.data.max_length)
+    enc_cfg = encoders.read_encoder_config(config.encoder.path,
+                                           num_layers=config.encoder.num_layers or None)
+    _check_tokenizer(config, ds, enc_cfg)
+    t = config.train
+    steps_per_epoch = input_pipeline.steps_per_epoch(ds, "train", t.global_batch_size)
+    total_steps = steps_per_epoch * t.num_epochs
+    warmup = steps.warmup_steps_for(total_steps, warmup_steps=t.warmup_steps,
+                                    warmup_fraction=t.warmup_fraction)
+    schedule = steps.learning_rate_schedule(t.learning_rate, total_steps, warmup)
+    tx = steps.make_optimizer(b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                              clip_norm=t.clip_norm)
+    frozen = heads.frozen_param_filter(freeze_label_queries=config.model.freeze_label_queries)
+    trainable = nnx.All(nnx.Param, nnx.Not(frozen))
+
+    def make_model() -> plm_icd.PLMICD:
+        rngs = nnx.Rngs(params=t.seed, dropout=t.seed + 1)
+        return build_model(config, enc_cfg, ds.num_labels, ds.pad_token_id, rngs)
+
+    def init() -> tuple[steps.TrainState, nnx.State]:
+        _, params, frozen_params, rest = nnx.split(make_model(), trainable, nnx.Param, ...)
+        state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 frozen=frozen_params, opt_state=tx.init(params),
+                                 skipped=jnp.zeros((), jnp.int32))
+        return state, rest
+
+    with nnx.use_eager_sharding(False):
+        graphdef = nnx.split(nnx.eval_shape(make_model), trainable, nnx.Param, ...)[0]
+    (state, rest), (state_sh, rest_sh), abstract = shd.create_sharded(init, mesh, config.mesh.rules)
+    return Run(config=config, ds=ds, mesh=mesh, encoder_config=enc_cfg, graphdef=graphdef,
+               state=state, rest=rest, state_shardings=state_sh, rest_shardings=rest_sh,
+               abstract_state=shd.abstract_with_shardings(abstract[0], state_sh), tx=tx,
+               schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               buckets=input_pipeline.bucket_chunk_counts(
+                   config.data.max_length, config.data.chunk_size, config.data.bucket_multiple))
+
+
+def initialise_weights(run: Run) -> None:
+    """Fresh start only: load the pretrained encoder and (DCA) the description queries."""
+    config = run.config
+    if not (config.encoder.pretrained or config.model.dca):
+        return
+    model = run.model()
+    if config.encoder.pretrained:
+        hf_io.load_pretrained_into(model.encoder, run.encoder_config, config.encoder.path)
+    if config.model.dca:
+        queries = heads.description_query_init(
+            model.encoder, run.ds.description_ids, run.ds.description_mask,
+            batch_size=DESCRIPTION_BATCH)
+        model.label_wise_attention.init_queries_from(queries)
+    frozen = heads.frozen_param_filter(freeze_label_queries=config.model.freeze_label_queries)
+    _, params, frozen_params, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Not(frozen)),
+                                            nnx.Param, ...)
+    run.state = run.state.replace(
+        params=jax.device_put(params, run.state_shardings.params),
+        frozen=jax.device_put(frozen_params, run.state_shardings.frozen))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def host_rows(x: Any) -> np.ndarray:
+    """Global rows on every process (process-local numpy batches or global jax arrays)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Evaluator:
+    """Jitted eval step + the host loop feeding a MetricAccumulator."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.step = steps.jit_eval_step(steps.make_eval_step(run.graphdef), run.state_shardings,
+                                        run.rest_shardings, run.mesh)
+
+    def batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        c = self.run.config
+        return input_pipeline.make_eval_batches(
+            self.run.ds, split, global_batch_size=c.train.eval_batch_size,
+            chunk_size=c.data.chunk_size, buckets=self.run.buckets,
+            process_index=jax.process_index(), process_count=jax.process_count())
+
+    def accumulator(self) -> metrics_lib.MetricAccumulator:
+        meta = self.run.ds.metadata
+        return metrics_lib.MetricAccumulator(
+            self.run.ds.num_labels, label_train_counts=meta.get("train_label_counts"),
+            label_systems=meta.get("label_systems"))
+
+    def predict(self, state: steps.TrainState, split: str
+                ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """(probabilities [b, C], host batch fields) for every global batch of `split`."""
+        for batch in self.batches(split):
+            inputs = input_pipeline.to_global(
+                {k: batch[k] for k in steps.EVAL_KEYS}, self.run.mesh)
+            probs = self.step(state.params, state.frozen, self.run.rest, inputs)
+            host = {k: host_rows(batch[k]) for k in ("labels", "valid", "doc_ids")}
+            yield host_rows(probs), host
+
+    def evaluate(self, state: steps.TrainState, split: str, *,
+                 predictions: str | None = None, top_k: int = 20
+                 ) -> metrics_lib.MetricAccumulator:
+        """Stream `split` through the model into an accumulator (caller finalizes/closes).
+
+        With `predictions`, process 0 also writes the top-k codes of every document (JSONL)."""
+        acc = self.accumulator()
+        out = open(predictions, "w", encoding="utf-8") if (
+            predictions and jax.process_index() == 0) else None
+        try:
+            for probs, host in self.predict(state, split):
+                acc.update(probs, host["labels"], host["valid"])
+                if out is not None:
+                    _write_predictions(out, probs, host, self.run.ds.label_space, top_k)
+        finally:
+            if out is not None:
+                out.close()
+        return acc
+
+    def baseline(self, split: str) -> metrics_lib.MetricAccumulator:
+        """The training-frequency baseline (every document scores codes by train frequency)."""
+        meta = self.run.ds.metadata
+        n_train = int(meta["counts"]["train"]["documents"])
+        acc = self.accumulator()
+        for batch in self.batches(split):
+            labels, valid = host_rows(batch["labels"]), host_rows(batch["valid"])
+            probs = metrics_lib.frequency_baseline_probs(meta["train_label_counts"], n_train,
+                                                         labels.shape[0])
+            acc.update(probs, labels, valid)
+        return acc
+
+
+def _write_predictions(out, probs: np.ndarray, host: dict[str, np.ndarray],
+                       label_space: list[str], top_k: int) -> None:
+    k = min(top_k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    for row in np.flatnonzero(host["valid"]):
+        codes = [[label_space[j], round(float(probs[row, j]), 6)] for j in top[row]]
+        out.write(json.dumps({"doc_id": int(host["doc_ids"][row]), "top_codes": codes}) + "\n")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _meta(run: Run, progress: dict) -> dict:
+    tok = run.ds.metadata.get("tokenizer") or {}
+    return {**progress, "label_space": run.ds.label_space,
+            "tokenizer_sha256": tok.get("sha256"), "tokenizer_name": tok.get("name")}
+
+
+def _check_resume(run: Run, meta: dict, workdir: str) -> None:
+    try:
+        run.ds.check_compatible(tokenizer_sha256=meta.get("tokenizer_sha256"),
+                                tokenizer_name=meta.get("tokenizer_name"),
+                                label_space=meta.get("label_space"))
+    except shards.DatasetMismatchError as err:
+        raise shards.DatasetMismatchError(
+            f"cannot resume {workdir}: its checkpoint was trained on other data. {err}\n"
+            f"Use a new --workdir for this dataset.") from None
+
+
+def _write_json(path: str, obj: Any) -> None:
+    if jax.process_index() == 0:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+
+
+def _config_text(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=1, sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+    """Train (or resume), then evaluate the best checkpoint; returns the metrics.json content,
+    or None when `train.max_steps_per_run` stopped this invocation early."""
+    os.makedirs(workdir, exist_ok=True)
+    run = setup(config)
+    writer = writers.MetricWriter(workdir)
+    writer.text("config", "```\n" + _config_text(config) + "\n```")
+    _write_json(os.path.join(workdir, "config.json"), json.loads(_config_text(config)))
+    _write_json(os.path.join(workdir, "label_space.json"), run.ds.label_space)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                      async_save=config.checkpoint.async_save)
+    evaluator = Evaluator(run)
+    try:
+        finished = _train(run, ckpt, writer, evaluator, workdir)
+        if not finished:
+            return None
+        return _final_evaluation(run, ckpt, writer, evaluator, workdir)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+
+
+def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWriter,
+           evaluator: Evaluator, workdir: str) -> bool:
+    """The optimiser loop; returns False when stopped by `max_steps_per_run`."""
+    config, t = run.config, run.config.train
+    train_iter = input_pipeline.make_train_iterator(
+        run.ds, global_batch_size=t.global_batch_size, chunk_size=config.data.chunk_size,
+        buckets=run.buckets, seed=t.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    progress = {"best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "stopped": False}
+    if ckpt.latest_step() is not None:
+        meta = ckpt.restore_meta()
+        _check_resume(run, meta, workdir)
+        run.state, data_state, meta = ckpt.restore(run.abstract_state)
+        train_iter.set_state(data_state)
+        progress = {k: meta[k] for k in progress}
+        logging.info("resumed from step %d of %s", int(run.state.step), workdir)
+    else:
+        initialise_weights(run)
+    accum = t.global_batch_size // t.micro_batch_size
+    train_step = steps.jit_train_step(
+        steps.make_train_step(run.graphdef, run.tx, run.schedule, accum_steps=accum,
+                              seed=t.seed, skip_nonfinite=t.skip_nonfinite, mesh=run.mesh),
+        run.state_shardings, run.rest_shardings, run.mesh)
+    step = int(run.state.step)
+    done_this_run = 0
+    window = {"docs": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
+    logging.info("training: %d steps (%d per epoch), accumulation %d x %d", run.total_steps,
+                 run.steps_per_epoch, accum, t.micro_batch_size)
+    while step < run.total_steps and not progress["stopped"]:
+        batch = next(train_iter)
+        inputs = input_pipeline.to_global({k: batch[k] for k in steps.TRAIN_KEYS}, run.mesh)
+        run.state, metrics = train_step(run.state, run.rest, inputs)
+        step += 1
+        done_this_run += 1
+        window["docs"] += int(np.sum(batch["valid"])) * jax.process_count()
+        window["tokens"] += int(np.sum(batch["lengths"])) * jax.process_count()
+        window["steps"] += 1
+        if step % t.log_every_steps == 0 or step == run.total_steps:
+            _log_train(writer, step, metrics, window, t.skip_nonfinite)
+        epoch_end = step % run.steps_per_epoch == 0
+        epoch = step // run.steps_per_epoch
+        evaluate = epoch_end and (epoch % t.eval_every_epochs == 0 or step == run.total_steps)
+        if evaluate:
+            improved = _validate(run, evaluator, writer, step, progress)
+            progress["stopped"] = progress["bad_evals"] >= t.patience
+            if progress["stopped"]:
+                logging.info("early stopping at epoch %d: no better val mAP in %d evaluations",
+                             epoch, t.patience)
+            ckpt.save(step, run.state, data_state=train_iter.get_state(),
+                      meta=_meta(run, progress), best=improved)
+            window["time"] = time.perf_counter()  # don't count evaluation as step time
+        elif config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+            ckpt.save(step, run.state, data_state=train_iter.get_state(),
+                      meta=_meta(run, progress))
+        if t.max_steps_per_run and done_this_run >= t.max_steps_per_run \
+                and step < run.total_steps and not progress["stopped"]:
+            ckpt.save(step, run.state, data_state=train_iter.get_state(),
+                      meta=_meta(run, progress))
+            logging.info("stopping after %d steps this run (train.max_steps_per_run); the same "
+                         "command resumes at step %d", done_this_run, step)
+            return False
+    return True
+
+
+def _log_train(writer: writers.MetricWriter, step: int, metrics: dict, window: dict,
+               skip_nonfinite: bool) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not skip_nonfinite and values["nonfinite"]:
+        raise FloatingPointError(
+            f"non-finite loss/gradients at step {step} (loss {values['loss']}); set "
+            f"config.train.skip_nonfinite=True to skip such updates, or lower the learning rate")
+    elapsed = max(time.perf_counter() - window["time"], 1e-9)
+    values.update(step_time_s=elapsed / max(window["steps"], 1),
+                  documents_per_s=window["docs"] / elapsed, tokens_per_s=window["tokens"] / elapsed,
+                  **writers.device_memory())
+    writer.scalars(step, values, prefix="train")
+    logging.info("step %d: loss %.5f lr %.3g grad_norm %.3f skipped %d (%.1f docs/s)", step,
+                 values["loss"], values["lr"], values["grad_norm"], values["skipped"],
+                 values["documents_per_s"])
+    window.update(docs=0, tokens=0, steps=0, time=time.perf_counter())
+
+
+def _validate(run: Run, evaluator: Evaluator, writer: writers.MetricWriter, step: int,
+              progress: dict) -> bool:
+    """Validation at 0.5; updates best / patience counters; True when the best improved."""
+    with evaluator.evaluate(run.state, "val") as acc:
+        results = acc.finalize(0.5)
+    writer.scalars(step, results, prefix="val")
+    writer.flush()
+    score = float(results["map"])
+    logging.info("step %d: val mAP %.4f micro-F1 %.4f", step, score, results["f1_micro"])
+    improved = score > progress["best_metric"]
+    if improved:
+        progress.update(best_metric=score, best_step=step, bad_evals=0)
+    else:
+        progress["bad_evals"] += 1
+    return improved
+
+
+def restore_best(run: Run, ckpt: checkpointing.Checkpointer) -> None:
+    """Load the best (else the latest) checkpoint into `run`, refusing other data."""
+    best = ckpt.best_step() is not None
+    run.state, _, meta = ckpt.restore(run.abstract_state, best=best)
+    _check_resume(run, meta, str(ckpt.latest.directory))
+
+
+def read_threshold(workdir: str, default: float = 0.5) -> float:
+    path = os.path.join(workdir, THRESHOLD_FILE)
+    if not os.path.isfile(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return float(json.load(f)["threshold"])
+
+
+def _final_evaluation(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWriter,
+                      evaluator: Evaluator, workdir: str) -> dict:
+    ckpt.wait()
+    restore_best(run, ckpt)
+    step = int(run.state.step)
+    with evaluator.evaluate(run.state, "val") as acc:
+        threshold, _ = acc.tune_threshold()
+        val = acc.finalize(threshold)
+    _write_json(os.path.join(workdir, THRESHOLD_FILE),
+                {"threshold": threshold, "step": step, "selected_on": "val micro-F1"})
+    with evaluator.evaluate(run.state, "test", predictions=os.path.join(workdir, PREDICTIONS_FILE),
+                            top_k=run.config.train.predictions_top_k) as acc:
+        test = acc.finalize(threshold)
+    with evaluator.baseline("val") as acc:
+        base_threshold, _ = acc.tune_threshold()
+    with evaluator.baseline("test") as acc:
+        baseline = acc.finalize(base_threshold)
+    results = {"scale": "fractions (not x100)", "best_step": step, "threshold": threshold,
+               "val": val, "test": test, "frequency_baseline_test": baseline,
+               "frequency_baseline_threshold": base_threshold}
+    _write_json(os.path.join(workdir, "metrics.json"), results)
+    writer.scalars(step, test, prefix="test")
+    writer.scalars(step, {"threshold": threshold}, prefix="test")
+    if jax.process_index() == 0:
+        table = metrics_lib.format_metrics_table(
+            {"val": val, "test": test, "freq. baseline": baseline})
+        print(f"\nbest checkpoint: step {step}, threshold {threshold:.4f} (tuned on val)\n"
+              f"{table}\n(x100; counts and threshold as they are)", flush=True)
+    return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
+    """`--mode eval`: the best checkpoint on `split` at the tuned threshold (0.5 if untuned);
+    writes metrics_<split>.json and prints the table."""
+    run = setup(config)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+    try:
+        restore_best(run, ckpt)
+    finally:
+        ckpt.close()
+    threshold = read_threshold(workdir)
+    with Evaluator(run).evaluate(run.state, split) as acc:
+        results = acc.finalize(threshold)
+    _write_json(os.path.join(workdir, f"metrics_{split}.json"),
+                {"scale": "fractions (not x100)", "step": int(run.state.step),
+                 "threshold": threshold, split: results})
+    if jax.process_index() == 0:
+        print(metrics_lib.format_metrics_table({split: results}), flush=True)
+    return results
