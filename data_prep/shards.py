@@ -18,6 +18,7 @@ they are generated (TFDS shuffling is disabled) so that ``lengths.npz`` lines up
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -229,6 +230,38 @@ def write_dataset(out_dir: str | os.PathLike, *, split_examples: Mapping[str, It
         raise
 
 
+class _LocalGfile:
+    """The three `tf.io.gfile` calls TFDS's shuffler makes when it spills to disk, on plain files.
+
+    TFDS keeps up to 1 GB of serialised examples in memory while writing a split; beyond that its
+    `shuffle._Bucket` writes temporary bucket files through `tf.io.gfile`, which needs TensorFlow
+    (a MIMIC-IV-size train split is past that point). Our temporary directory is always local, so
+    the builtin file API serves. Installed only for the duration of `_tfds_spill_without_tf()`.
+    """
+
+    class errors:  # noqa: N801 - mirrors tf.errors, referenced in the shuffler's except clause
+        ResourceExhaustedError = OSError
+
+    class io:  # noqa: N801 - mirrors tf.io
+        class gfile:  # noqa: N801 - mirrors tf.io.gfile
+            GFile = staticmethod(open)
+            exists = staticmethod(os.path.exists)
+            remove = staticmethod(os.remove)
+
+
+@contextlib.contextmanager
+def _tfds_spill_without_tf():
+    """Let TFDS's shuffler spill buckets to local disk without importing TensorFlow."""
+    from tensorflow_datasets.core import shuffle
+
+    previous = shuffle.tf
+    shuffle.tf = _LocalGfile
+    try:
+        yield
+    finally:
+        shuffle.tf = previous
+
+
 def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descriptions,
                     description_ids, description_mask, tokenizer_dir) -> None:
     num_labels = len(label_space)
@@ -242,10 +275,11 @@ def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descript
         raise ValueError("every split is empty: nothing to write")
     builder = MedcodeShards(split_iterators=generators, data_dir=str(tmp / "tfds"),
                             file_format="array_record")
-    builder.download_and_prepare(
-        download_dir=str(tmp / "_downloads"),
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, max_shard_size=MAX_SHARD_BYTES))
+    with _tfds_spill_without_tf():
+        builder.download_and_prepare(
+            download_dir=str(tmp / "_downloads"),
+            download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False, max_shard_size=MAX_SHARD_BYTES))
     shutil.rmtree(tmp / "_downloads", ignore_errors=True)
 
     lengths = {s: np.asarray(st.lengths, np.int32) for s, st in stats.items()}

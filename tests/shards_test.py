@@ -190,3 +190,20 @@ def test_check_compatible_messages(dataset_dir, tmp_path):
     assert "2 only in the run" in msg and "'Z99.9'" in msg
     assert "max_length 1000" in msg and "512" in msg
     assert isinstance(err.value, ValueError)
+
+
+def test_large_split_spills_to_disk_without_tensorflow(tmp_path, monkeypatch):
+    """Past TFDS's in-memory limit (1 GB; shrunk here) its shuffler spills buckets to disk,
+    which would import TensorFlow; the written order and contents must be unchanged."""
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 20_000)
+    write_synthetic(tmp_path / "ds", sizes={"train": 120, "val": 10})
+    ds = shards.open_dataset(tmp_path / "ds")
+    expected = list(synthetic_examples(120, 0, first_id=100_000))
+    source = ds.source("train")
+    assert len(source) == 120
+    for i in (0, 1, 57, 119):
+        assert int(source[i]["_id"]) == expected[i]["_id"]
+        np.testing.assert_array_equal(source[i]["input_ids"], expected[i]["input_ids"])
+    assert "tensorflow" not in sys.modules
