@@ -365,7 +365,7 @@ def export_from_workdir(config: Any, workdir: str, export_dir: str | None = None
     model was trained with), else the encoder folder's. Single-process only: the parameters are
     gathered on this host.
     """
-    from medcode_jax import checkpointing, train
+    from medcode_jax import train
 
     if jax.process_count() != 1:
         raise RuntimeError("export runs in a single process (it gathers all parameters on one "
@@ -374,12 +374,7 @@ def export_from_workdir(config: Any, workdir: str, export_dir: str | None = None
     if os.path.exists(out_dir) and not overwrite:  # fail before the (slow) set-up
         raise FileExistsError(f"{out_dir} already exists; remove it, choose another "
                               "--export_dir, or pass overwrite=True.")
-    run = train.setup(config)
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
-    try:
-        train.restore_best(run, ckpt)
-    finally:
-        ckpt.close()
+    run = train.load_trained(config, workdir)
     tokenizer_dir = os.path.join(str(run.ds.path), "tokenizer")
     step = int(run.state.step)
     return export_model(

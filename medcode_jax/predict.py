@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from medcode_jax import checkpointing, input_pipeline
+from medcode_jax import input_pipeline
 from medcode_jax import sharding as shd
 from medcode_jax import train
 
@@ -89,12 +89,7 @@ def make_predict_step(run: train.Run, num_codes: int):
 def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, output: str,
             max_codes: int = 50) -> int:
     """Write predictions for `input_spec` to `output` (JSONL); returns the document count."""
-    run = train.setup(config)
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
-    try:
-        train.restore_best(run, ckpt)
-    finally:
-        ckpt.close()
+    run = train.load_trained(config, workdir)
     threshold = train.read_threshold(workdir)
     tokenizer = _tokenizer(run)
     num_codes = min(max(config.train.predictions_top_k, 1), max_codes, run.ds.num_labels)

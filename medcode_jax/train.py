@@ -420,6 +420,18 @@ def restore_best(run: Run, ckpt: checkpointing.Checkpointer) -> None:
     _check_resume(run, meta, str(ckpt.latest.directory))
 
 
+def load_trained(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """A `Run` for `config` holding the best (else latest) checkpoint of `workdir`: what eval,
+    predict and export start from."""
+    run = setup(config)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+    try:
+        restore_best(run, ckpt)
+    finally:
+        ckpt.close()
+    return run
+
+
 def read_threshold(workdir: str, default: float = 0.5) -> float:
     path = os.path.join(workdir, THRESHOLD_FILE)
     if not os.path.isfile(path):
@@ -462,12 +474,7 @@ def _final_evaluation(run: Run, ckpt: checkpointing.Checkpointer, writer: writer
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
     """`--mode eval`: the best checkpoint on `split` at the tuned threshold (0.5 if untuned);
     writes metrics_<split>.json and prints the table."""
-    run = setup(config)
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
-    try:
-        restore_best(run, ckpt)
-    finally:
-        ckpt.close()
+    run = load_trained(config, workdir)
     threshold = read_threshold(workdir)
     with Evaluator(run).evaluate(run.state, split) as acc:
         results = acc.finalize(threshold)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 

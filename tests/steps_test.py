@@ -5,10 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
-from medcode_jax import sharding as shd
 from medcode_jax import steps
 
 C, T, V, D = 12, 8, 50, 16
