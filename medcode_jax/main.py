@@ -7,6 +7,7 @@ The loop lives in medcode_jax.train, prediction in medcode_jax.predict.
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 import jax
@@ -33,6 +34,17 @@ _MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"],
 
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drop INFO chatter of Orbax and TFDS (every checkpoint writes a dozen lines); their
+    warnings and errors still show."""
+
+    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            part in record.pathname for part in self._NOISY)
+
+
 def _multiprocess_env() -> bool:
     """A coordinator address, or a launcher (SLURM, Open MPI, TPU pod) with several processes."""
     env = os.environ
@@ -45,6 +57,8 @@ def _multiprocess_env() -> bool:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+        handler.addFilter(_QuietLibraries())
     if _MULTIHOST.value == "yes" or (_MULTIHOST.value == "auto" and _multiprocess_env()):
         jax.distributed.initialize()
     logging.info("process %d/%d, local devices %s, all devices %d", jax.process_index(),
