@@ -176,7 +176,7 @@ def read_reference_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[st
     info: dict[str, Any] = {}
     if path.endswith(".safetensors"):
         # hf_io's reader handles bf16 / fp16 as well as fp32.
-        tensors = dict(hf_io._read_safetensors_file(path))  # noqa: SLF001
+        tensors = dict(hf_io.read_safetensors_file(path))
     elif path.endswith((".pt", ".pth", ".bin")):
         import torch
 

@@ -12,6 +12,9 @@ keys of ``model.safetensors``::
 The encoder is ``transformers.AutoModel.from_config(encoder/config.json)`` (weights come from
 ``model.safetensors``, so they are read once); ``roberta_encoder.pooler.*`` exists in the
 ``"fork"`` flavour only, as in the fork's ``PLMICD`` (the EMC class drops the pooler).
+NeoBERT is not part of ``transformers``: its encoder is ``NeoBERT`` here, written from the
+architecture description (spec models.md §2) with the hub checkpoint's parameter names, so the
+hub's state dict loads into it strictly (``load_neobert`` reads a hub-style folder).
 Attention runs with SDPA when padding is masked and with the eager path otherwise: the two
 differ only on chunk rows that are all padding, which the head then attends to.
 
@@ -45,8 +48,8 @@ FLAVOURS = ("fork", "emc")
 HEAD_TYPES = ("cross_attention", "laat")
 # Encoder families whose HF base model has a pooler (and takes ``add_pooling_layer``).
 POOLER_FAMILIES = ("bert", "roberta")
-# Families without a ``transformers`` implementation: hub remote code only.
-REMOTE_CODE_FAMILIES = ("neobert",)
+# Families without a ``transformers`` implementation, built by this module instead.
+OWN_FAMILIES = ("neobert",)
 # Same large finite negative as ``medcode_jax.models.heads.MASK_VALUE``.
 _MASK_VALUE = -0.7 * 3.4028234663852886e38
 _REQUIRED_META = ("family", "flavour", "head_type", "chunk_size", "pad_token_id", "num_labels",
@@ -181,21 +184,150 @@ def torch_classes() -> types.SimpleNamespace:
 
 def build_encoder(encoder_dir: str, *, family: str, with_pooler: bool,
                   attn_implementation: str = "eager"):
-    """The HF base model of ``encoder_dir/config.json``, randomly initialised.
+    """The base model of ``encoder_dir/config.json``, randomly initialised.
 
-    Weights are loaded afterwards from ``model.safetensors`` (strict). NeoBERT and other
-    remote-code families have no ``transformers`` class: add a builder here when one exists.
+    Weights are loaded afterwards from ``model.safetensors`` (strict). BERT-like families and
+    ModernBERT come from ``transformers``; NeoBERT is this module's ``NeoBERT``.
     """
-    if family in REMOTE_CODE_FAMILIES:
-        raise NotImplementedError(
-            f"encoder family {family!r} is not part of transformers: load {encoder_dir} with the "
-            "hub's remote code (AutoModel.from_pretrained(..., trust_remote_code=True)) and add "
-            "a builder for it in medcode_jax.torch_model.build_encoder.")
+    if family in OWN_FAMILIES:
+        return neobert_classes().NeoBERT(read_hf_config(encoder_dir))
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(encoder_dir)
     kwargs = {"add_pooling_layer": with_pooler} if family in POOLER_FAMILIES else {}
     return AutoModel.from_config(config, attn_implementation=attn_implementation, **kwargs)
+
+
+def read_hf_config(model_dir: str) -> dict[str, Any]:
+    """``model_dir/config.json`` as a dict (clear errors for a missing or broken file)."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {model_dir!r}: expected a model folder")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_neobert(model_dir: str):
+    """A NeoBERT folder in the hub's layout (``config.json`` + ``model.safetensors``, keys
+    optionally prefixed ``model.``) -> ``NeoBERT`` in eval mode, loaded strictly.
+
+    Task-head tensors of ``NeoBERTLMHead`` (``decoder.*``) are skipped.
+    """
+    from safetensors.torch import load_file
+
+    model = neobert_classes().NeoBERT(read_hf_config(model_dir))
+    weights = os.path.join(model_dir, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {model_dir!r}")
+    state = {k.removeprefix("model."): v for k, v in load_file(weights).items()
+             if not k.startswith("decoder.")}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@functools.cache
+def neobert_classes() -> types.SimpleNamespace:
+    """PyTorch NeoBERT (created on first call; imports torch): namespace with ``NeoBERT``.
+
+    ``NeoBERT(hf_config: dict)`` takes the hub's ``config.json`` fields; its ``forward(input_ids
+    [B, L], attention_mask [B, L] | None)`` returns an object with ``last_hidden_state``.
+    Padded keys are masked with a large finite negative, so all-padding rows stay finite.
+    """
+    import torch
+    from torch import nn
+
+    def complex_rotation(length: int, head_dim: int, theta: float) -> torch.Tensor:
+        """``[length, head_dim / 2]`` unit complex numbers ``exp(i · p · theta^(-2j/d))``."""
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """Interleaved-pair rotary embedding of ``x [B, L, H, d]`` (pairs (2j, 2j+1))."""
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        rotated = torch.view_as_real(pairs * rotation[None, :, None, :])
+        return rotated.flatten(-2).to(x.dtype)
+
+    class SwiGLU(nn.Module):
+        def __init__(self, dim: int, hidden: int):
+            super().__init__()
+            self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
+            self.w3 = nn.Linear(hidden, dim, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = self.w12(x).chunk(2, dim=-1)
+            return self.w3(nn.functional.silu(x1) * x2)
+
+    class EncoderBlock(nn.Module):
+        def __init__(self, dim: int, heads: int, ffn_hidden: int, eps: float):
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.wo = nn.Linear(dim, dim, bias=False)
+            self.ffn = SwiGLU(dim, ffn_hidden)
+            self.attention_norm = nn.RMSNorm(dim, eps=eps)
+            self.ffn_norm = nn.RMSNorm(dim, eps=eps)
+
+        def attend(self, x: torch.Tensor, bias: torch.Tensor | None,
+                   rotation: torch.Tensor) -> torch.Tensor:
+            b, length, dim = x.shape
+            per_head = self.qkv(x).view(b, length, self.heads, -1)  # [q_h, k_h, v_h] per head
+            q, k, v = per_head.chunk(3, dim=-1)
+            q, k = rotate(q, rotation), rotate(k, rotation)
+            out = nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+            return self.wo(out.transpose(1, 2).reshape(b, length, dim))
+
+        def forward(self, x, bias, rotation):
+            x = x + self.attend(self.attention_norm(x), bias, rotation)
+            return x + self.ffn(self.ffn_norm(x))
+
+    class NeoBERT(nn.Module):
+        """NeoBERT base model with the hub's parameter names (``encoder``,
+        ``transformer_encoder.{i}.*``, ``layer_norm``)."""
+
+        rope_theta = 10_000.0
+
+        def __init__(self, hf_config: Mapping[str, Any]):
+            super().__init__()
+            missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size", "vocab_size") if k not in hf_config]
+            if missing:
+                raise ValueError(f"NeoBERT config.json lacks field(s) {missing}")
+            self.config = types.SimpleNamespace(**hf_config)
+            dim, heads = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
+            eps = float(hf_config.get("norm_eps", 1e-6))
+            hidden = int(2 * int(hf_config["intermediate_size"]) / 3)
+            hidden = 8 * ((hidden + 7) // 8)  # the hub's SwiGLU size rule
+            self.max_length = int(hf_config.get("max_length", 1024))
+            self.head_dim = dim // heads
+            self.encoder = nn.Embedding(int(hf_config["vocab_size"]), dim,
+                                        padding_idx=hf_config.get("pad_token_id", 0))
+            self.transformer_encoder = nn.ModuleList(
+                EncoderBlock(dim, heads, hidden, eps)
+                for _ in range(int(hf_config["num_hidden_layers"])))
+            self.layer_norm = nn.RMSNorm(dim, eps=eps)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+            length = input_ids.shape[1]
+            if length > self.max_length:
+                raise ValueError(f"sequence length {length} exceeds max_length {self.max_length}")
+            rotation = complex_rotation(length, self.head_dim, self.rope_theta).to(
+                input_ids.device)
+            x = self.encoder(input_ids)
+            bias = None
+            if attention_mask is not None:
+                keep = (attention_mask != 0)[:, None, None, :]
+                bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
+                    ~keep, _MASK_VALUE)
+            for block in self.transformer_encoder:
+                x = block(x, bias, rotation)
+            return types.SimpleNamespace(last_hidden_state=self.layer_norm(x))
+
+    return types.SimpleNamespace(NeoBERT=NeoBERT)
 
 
 def build_model(export_dir: str, meta: Mapping[str, Any]):

@@ -47,7 +47,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model; the message lists every problem."""
 
 
-def _read_safetensors_file(file: str) -> dict[str, np.ndarray]:
+def read_safetensors_file(file: str) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file as read-only memory-mapped numpy arrays.
 
     The format is an 8-byte little-endian header size, a JSON header
@@ -80,7 +80,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     """Every tensor of the HF folder ``path`` (single or sharded safetensors), by HF key."""
     single, index = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(single):
-        return _read_safetensors_file(single)
+        return read_safetensors_file(single)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             weight_map: dict[str, str] = json.load(f)["weight_map"]
@@ -89,7 +89,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
             shard_file = os.path.join(path, shard)
             if not os.path.isfile(shard_file):
                 raise FileNotFoundError(f"{index} names shard {shard!r}, which is not in {path}")
-            tensors.update(_read_safetensors_file(shard_file))
+            tensors.update(read_safetensors_file(shard_file))
         absent = sorted(set(weight_map) - set(tensors))
         if absent:
             raise ValueError(f"{index} lists tensors that no shard contains: {absent}")

@@ -9,9 +9,10 @@ converts the array (PyTorch ``Linear.weight`` is ``[out, in]``, our kernels are 
 Adding a family:
 1. write its module so that every parameter has a stable path (``layers.{i}.…``);
 2. write a ``KeyTable`` here: one ``Rule`` per HF tensor (``TRANSPOSE`` for linear weights,
-   ``IDENTITY`` for embeddings, norms and biases, a ``Transform`` with two functions for
-   reshapes or fused tensors), the task prefixes its hub checkpoints carry (``model.``), the
-   buffers to ignore, and the task-head keys to skip;
+   ``IDENTITY`` for embeddings, norms and biases, ``_fused_linear`` for a fused ``Linear``
+   held by a ``FusedDense``, a ``Transform`` with two functions for other reshapes), the
+   task prefixes its hub checkpoints carry (``model.``), the buffers to ignore, and the
+   task-head keys to skip;
 3. reference it from the family's entry in ``medcode_jax.models.encoders._FAMILIES``.
 The loader then reports, in one error, every HF key no rule reads and every parameter no key
 fills, and ``AutoModel.from_pretrained`` of an export is checked by the round-trip tests.
@@ -40,6 +41,18 @@ class Transform:
 IDENTITY = Transform("identity", lambda x: x, lambda x: x)
 TRANSPOSE = Transform("transpose", lambda x: np.ascontiguousarray(x.T),
                       lambda x: np.ascontiguousarray(x.T))
+
+
+def _fused(parts: int) -> tuple[Transform, Transform]:
+    """Transforms for a fused ``Linear`` whose ``[parts·out, in]`` weight stacks ``parts``
+    projections: weight <-> ``FusedDense`` kernel ``[in, parts, out]``, bias ``[parts·out]`` <->
+    ``[parts, out]``."""
+    kernel = Transform(
+        f"split{parts}-transpose",
+        lambda x: np.ascontiguousarray(x.T).reshape(x.shape[1], parts, x.shape[0] // parts),
+        lambda x: np.ascontiguousarray(x.reshape(x.shape[0], -1).T))
+    bias = Transform(f"split{parts}", lambda x: x.reshape(parts, -1), lambda x: x.reshape(-1))
+    return kernel, bias
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -170,4 +183,52 @@ BERT = KeyTable(
     ignored=(r"embeddings\.position_ids", r"embeddings\.token_type_ids", r"pooler\..*"),
     head_keys=(r"cls\..*", r"lm_head\..*", r"classifier\..*", r"qa_outputs\..*"),
     pooler_prefix="pooler.",
+)
+
+
+def _fused_linear(hf: str, ours: str, parts: int) -> tuple[Rule, Rule]:
+    kernel, bias = _fused(parts)
+    return Rule(f"{hf}.weight", f"{ours}.kernel", kernel), Rule(f"{hf}.bias", f"{ours}.bias", bias)
+
+
+_M = "layers.{i}"
+
+# ModernBertModel. Biases and LayerNorm biases exist only when config.json sets attention_bias /
+# mlp_bias / norm_bias (a parameter the model does not have is reported, not silently dropped).
+# Layer 0 has no attn_norm. Wqkv is [3D, D] laid out (3, heads, head_dim); Wi is [2I, D]
+# (input half, then gate half).
+MODERNBERT = KeyTable(
+    rules=(
+        Rule("embeddings.tok_embeddings.weight", "embeddings.tok_embeddings.embedding"),
+        *_layer_norm("embeddings.norm", "embeddings.norm"),
+        *_layer_norm(f"{_M}.attn_norm", f"{_M}.attn_norm"),
+        *_fused_linear(f"{_M}.attn.Wqkv", f"{_M}.attn.qkv", 3),
+        *_linear(f"{_M}.attn.Wo", f"{_M}.attn.out"),
+        *_layer_norm(f"{_M}.mlp_norm", f"{_M}.mlp_norm"),
+        *_fused_linear(f"{_M}.mlp.Wi", f"{_M}.mlp.wi", 2),
+        *_linear(f"{_M}.mlp.Wo", f"{_M}.mlp.wo"),
+        *_layer_norm("final_norm", "final_norm"),
+    ),
+    prefixes=("model.",),
+    head_keys=(r"head\..*", r"decoder\..*", r"classifier\..*", r"qa_outputs\..*"),
+)
+
+_N = "transformer_encoder.{i}"
+
+# chandar-lab/NeoBERT (hub remote code). qkv is [3D, D] laid out per head (heads, 3, head_dim):
+# kept fused ([D, 3D]) and split at run time, so the table needs no head count. w12 is [2F, D]
+# (w1 half, then w2 half).
+NEOBERT = KeyTable(
+    rules=(
+        Rule("encoder.weight", "tok_embeddings.embedding"),
+        Rule(f"{_N}.attention_norm.weight", f"{_O}.attention_norm.scale"),
+        Rule(f"{_N}.qkv.weight", f"{_O}.attn.qkv.kernel", TRANSPOSE),
+        Rule(f"{_N}.wo.weight", f"{_O}.attn.out.kernel", TRANSPOSE),
+        Rule(f"{_N}.ffn_norm.weight", f"{_O}.mlp_norm.scale"),
+        Rule(f"{_N}.ffn.w12.weight", f"{_O}.mlp.wi.kernel", _fused(2)[0]),
+        Rule(f"{_N}.ffn.w3.weight", f"{_O}.mlp.wo.kernel", TRANSPOSE),
+        Rule("layer_norm.weight", "final_norm.scale"),
+    ),
+    prefixes=("model.",),
+    head_keys=(r"decoder\..*", r"dense\..*", r"classifier\..*"),
 )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medcode_jax.convert import keymaps
-from medcode_jax.models import bert
+from medcode_jax.models import bert, modernbert, neobert
 
 # config.json bookkeeping fields that are not carried into an exported config.
 _TRANSIENT_HF_FIELDS = ("_name_or_path", "transformers_version", "architectures", "auto_map",
@@ -64,6 +64,14 @@ class EncoderConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def with_options(self, **options: Any) -> EncoderConfig:
+        """A copy with some ``options`` replaced (e.g. ``attention_impl="mask"``)."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"unknown {self.family} encoder option(s) {unknown}; known: "
+                             f"{sorted(self.options)}")
+        return dataclasses.replace(self, options={**self.options, **options})
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], *, num_layers: int | None = None,
@@ -117,6 +125,12 @@ _FAMILIES: dict[str, Family] = {
     "roberta": Family("roberta", {"roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"},
                       bert.parse_hf_config, bert.hf_config_fields, bert.BertEncoder,
                       keymaps.BERT),
+    "modernbert": Family("modernbert", {"modernbert": "ModernBertModel"},
+                         modernbert.parse_hf_config, modernbert.hf_config_fields,
+                         modernbert.ModernBertEncoder, keymaps.MODERNBERT),
+    # Not in transformers: "NeoBERT" is the hub remote code's base class.
+    "neobert": Family("neobert", {"neobert": "NeoBERT"}, neobert.parse_hf_config,
+                      neobert.hf_config_fields, neobert.NeoBertEncoder, keymaps.NEOBERT),
 }
 
 

@@ -133,3 +133,144 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     probs = jax.nn.softmax(scores * scale + bias, axis=-1)
     probs = dropout(probs, deterministic=deterministic).astype(v.dtype)
     return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x²) + eps) * scale`` over the last axis (no bias), in fp32."""
+
+    def __init__(self, features: int, *, eps: float, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.scale = make_param(jnp.ones((features,), param_dtype), ("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class FusedDense(nnx.Module):
+    """Several projections of the same input in one matmul: ``kernel [in, parts, out]``.
+
+    ``y[..., p, :] = x @ kernel[:, p, :] + bias[p]``. Holds a fused PyTorch ``Linear`` whose
+    ``[parts·out, in]`` weight stacks the parts (ModernBERT's ``Wqkv``, a GLU's ``Wi``).
+    """
+
+    def __init__(self, in_features: int, parts: int, out_features: int, *,
+                 axes: tuple[str | None, str | None, str | None], use_bias: bool,
+                 kernel_init: Initializer, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        self.kernel = make_param(
+            kernel_init(rngs.params(), (in_features, parts, out_features), param_dtype), axes)
+        self.bias = (make_param(jnp.zeros((parts, out_features), param_dtype), axes[1:])
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...d,dpo->...po", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class GatedMLP(nnx.Module):
+    """GLU feed-forward: ``wo(drop(act(a) * g))`` with ``[a, g] = wi(x)``.
+
+    ``wi`` is a ``FusedDense`` ``[D, 2, I]``: part 0 the activated input, part 1 the gate (the
+    first and second halves of a fused PyTorch ``[2I, D]`` weight). GeGLU (ModernBERT) with
+    ``activation_name="gelu"``, SwiGLU (NeoBERT) with ``"silu"``.
+    """
+
+    def __init__(self, features: int, hidden: int, *, activation_name: str, use_bias: bool,
+                 kernel_init: Initializer, rngs: nnx.Rngs, dropout: float = 0.0,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+        kw = dict(use_bias=use_bias, kernel_init=kernel_init, rngs=rngs, dtype=dtype,
+                  param_dtype=param_dtype)
+        self.wi = FusedDense(features, 2, hidden, axes=("embed", None, "mlp"), **kw)
+        self.wo = Dense(hidden, features, axes=("mlp", "embed"), **kw)
+        self.act = activation(activation_name)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        h = self.wi(x)
+        gated = self.act(h[..., 0, :]) * h[..., 1, :]
+        return self.wo(self.dropout(gated, deterministic=deterministic))
+
+
+# --- rotary position embeddings ------------------------------------------------------------------
+
+def rotary_angles(length: int, head_dim: int, theta: float) -> jax.Array:
+    """``[length, head_dim / 2]`` fp32 angles ``p · theta^(-2j / head_dim)``, p = 0..length-1."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
+    inv_freq = 1.0 / (jnp.float32(theta) ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
+                                             / jnp.float32(head_dim)))
+    return jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+
+
+def rotate_half_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotary embedding in the rotate-half (GPT-NeoX / ``transformers``) convention.
+
+    ``x [N, c, heads, d]``: dimension ``j`` pairs with ``j + d/2``. Computed in fp32, returned
+    in ``x.dtype``. ``angles``: ``rotary_angles(c, d, theta)``.
+    """
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def interleaved_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotary embedding in the interleaved-pair (complex / LLaMA) convention.
+
+    ``x [N, c, heads, d]``: dimensions ``2j`` and ``2j + 1`` form the pair rotated by
+    ``angles[:, j]``. Computed in fp32, returned in ``x.dtype``.
+    """
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# --- self-attention with padding (and optionally a local window) --------------------------------
+
+ATTENTION_IMPLS = ("dot_product_attention", "mask")
+ATTENTION_BACKENDS = (None, "xla", "cudnn")
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array, *,
+                   window: int | None = None, impl: str = "dot_product_attention",
+                   backend: str | None = None, dropout: nnx.Dropout,
+                   deterministic: bool) -> jax.Array:
+    """Bidirectional attention over ``[N, c, heads, head_dim]``; padded keys never attended.
+
+    ``window``: query ``i`` attends only to keys ``j`` with ``|i - j| <= window`` (ModernBERT's
+    local layers); None = global. ``impl``: ``"dot_product_attention"`` uses
+    ``jax.nn.dot_product_attention`` (``backend`` is its ``implementation``: None/"xla", or
+    "cudnn" on GPU, where the window, which cuDNN supports only for causal attention, is folded
+    into the boolean mask); ``"mask"`` builds an explicit additive fp32 bias
+    ``[N, 1, c, c]`` and runs ``dot_product_attention`` above. The two agree to rounding; the
+    mask path is also used whenever attention dropout is active (training with a rate > 0).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+    c = q.shape[1]
+    keep = attention_mask.astype(bool)[:, None, None, :]  # [N, 1, 1, c] keys
+    use_mask = impl == "mask" or (dropout.rate > 0 and not deterministic)
+    fold_window = window is not None and (use_mask or backend == "cudnn")
+    if fold_window:
+        pos = jnp.arange(c)
+        keep = keep & (jnp.abs(pos[:, None] - pos[None, :]) <= window)[None, None]
+    if use_mask:
+        bias = jnp.where(keep, 0.0, MASK_VALUE).astype(jnp.float32)
+        return dot_product_attention(q, k, v, bias, dropout=dropout, deterministic=deterministic)
+    local = None if window is None or fold_window else (window, window)
+    return jax.nn.dot_product_attention(q, k, v, mask=keep, local_window_size=local,
+                                        implementation=backend)
