@@ -42,14 +42,21 @@ def minilm_path() -> str:
 
 
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
-    """'demo,fsdp' -> ("demo", {"fsdp"}): the variant first, then sharding presets."""
+    """'demo,fsdp' -> ("demo", {"fsdp"}): the variant first, then presets — sharding presets
+    (RULES) and encoder presets (configs/encoders.py PRESETS, e.g. 'modernbert_base')."""
+    from configs import encoders
+
     parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
     variant = parts[0] if parts and parts[0] in ("demo", "tiny") else ""
     extras = set(parts[1:] if variant else parts)
-    unknown = extras - set(RULES)
+    known = set(RULES) | set(encoders.PRESETS)
+    unknown = extras - known
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; the argument is "
-                         f"'[demo|tiny][,{'|'.join(RULES)}]', e.g. configs/plmca.py:demo,fsdp")
+                         f"'[demo|tiny][,PRESET...]' with presets from {sorted(known)}, "
+                         "e.g. configs/plmca.py:demo,fsdp or configs/plmca.py:modernbert_base")
+    if len(extras & set(encoders.PRESETS)) > 1:
+        raise ValueError(f"more than one encoder preset in {arg!r}")
     return variant, extras
 
 
@@ -149,13 +156,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def apply_sharding_presets(c: ml_collections.ConfigDict, presets: set[str]) -> None:
-    """'fsdp' -> all devices on the fsdp axis; 'fsdp_tp' -> also the rules for tensor axes."""
+def apply_presets(c: ml_collections.ConfigDict, presets: set[str]) -> None:
+    """Sharding presets: 'fsdp' -> all devices on the fsdp axis; 'fsdp_tp' -> also the rules
+    for tensor axes. Encoder presets: encoder.path, data.chunk_size and data.max_length."""
+    from configs import encoders
+
     if "fsdp" in presets:
         c.mesh.shape = (1, -1, 1)
         c.mesh.rules = FSDP_RULES
     if "fsdp_tp" in presets:
         c.mesh.rules = FSDP_TENSOR_RULES
+    for name in sorted(presets & set(encoders.PRESETS)):
+        preset = encoders.get(name)
+        c.encoder.path = preset.path
+        c.data.chunk_size = preset.chunk_size
+        c.data.max_length = preset.max_length
 
 
 def tiny_overrides(c: ml_collections.ConfigDict) -> None:

@@ -4,7 +4,9 @@ Variants (`--config=configs/plmca.py:<arg>`, arg = variant[,sharding preset]):
   ""     the real MIMIC-IV ICD-10 run (data.dir / encoder.path are placeholders: set them)
   "demo" the synthetic demo corpus (`make demo-data`) with the packaged MiniLM, CPU, minutes
   "tiny" tests only (paths set by the test)
-  presets: "fsdp" (all devices on the fsdp axis, embed->fsdp), "fsdp_tp" (also tensor rules)
+  presets: "fsdp" (all devices on the fsdp axis, embed->fsdp), "fsdp_tp" (also tensor rules),
+           and encoder presets from configs/encoders.py ("modernbert_base", "neobert", …:
+           encoder.path, chunk_size, max_length), e.g. configs/plmca.py:modernbert_base,fsdp
 """
 from __future__ import annotations
 
@@ -33,5 +35,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.eval_batch_size = 32
     elif variant == "tiny":
         common.tiny_overrides(c)
-    common.apply_sharding_presets(c, presets)
+    common.apply_presets(c, presets)
     return c
