@@ -174,7 +174,10 @@ def _main(argv: list[str], monkeypatch, **later: str) -> None:
 
     from medcode_jax import main
 
-    if not flags.FLAGS.is_parsed():
+    # Another test in this worker may have marked the flags parsed without a --config (grain's
+    # multiprocessing does): parse again then.
+    if not (flags.FLAGS.is_parsed() and flags.FLAGS["config"].present):
+        flags.FLAGS.unparse_flags()
         monkeypatch.setattr(sys, "argv", ["main"] + argv)
         flags.FLAGS(sys.argv)
     for name, value in later.items():
