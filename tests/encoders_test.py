@@ -1,6 +1,7 @@
 """Encoders and the HF checkpoint loader against tiny random ``transformers`` models (offline)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -320,3 +321,9 @@ def test_key_table_is_a_bijection():
     assert table.to_ours("encoder.layer.0.attention.self.query.weigh") is None
     assert table.strip_prefix("roberta.embeddings.word_embeddings.weight") == \
         "embeddings.word_embeddings.weight"
+
+
+def test_config_rejects_heads_that_do_not_divide_hidden(tiny_bert):
+    cfg = read_encoder_config(tiny_bert[1])
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads 5"):
+        dataclasses.replace(cfg, num_heads=5)

@@ -147,9 +147,6 @@ class BertEncoder(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, remat: bool = False):
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_heads}")
         self.embeddings = BertEmbeddings(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layers = nnx.List([BertLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.num_layers)])

@@ -60,6 +60,9 @@ class EncoderConfig:
             raise ValueError(f"unknown encoder family {self.family!r}; known: {sorted(_FAMILIES)}")
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_heads}")
 
     @property
     def head_dim(self) -> int:

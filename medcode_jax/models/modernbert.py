@@ -123,9 +123,6 @@ class ModernBertEncoder(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, remat: bool = False):
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_heads}")
         self.embeddings = ModernBertEmbeddings(cfg, rngs=rngs, dtype=dtype,
                                                param_dtype=param_dtype)
         self.layers = nnx.List([ModernBertLayer(cfg, i, rngs=rngs, dtype=dtype,

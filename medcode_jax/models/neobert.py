@@ -101,9 +101,6 @@ class NeoBertEncoder(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
                  param_dtype: jnp.dtype = jnp.float32, remat: bool = False):
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_heads}")
         self.tok_embeddings = layers.Embed(cfg.vocab_size, cfg.hidden_size,
                                            axes=("vocab", "embed"),
                                            init=layers.normal_init(cfg.initializer_range),
