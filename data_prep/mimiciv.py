@@ -191,12 +191,13 @@ def load_codes(path: str, kind: codes_lib.Kind, dropped: Counter, *,
                 f"(e.g. {bad[:5]}): floats such as '4019.0' or lost leading zeros such as '42' "
                 "for '042'. The file was probably re-saved by a tool that parsed icd_code as a "
                 "number; use the original PhysioNet file (or re-export with icd_code as text)")
-        formatted = pa.array([codes_lib.format_code(c, system, trailing_dot=trailing_dot)
-                              for c in raw], pa.string())
+        formatted = [codes_lib.format_code(c, system, trailing_dot=trailing_dot) for c in raw]
+        # '4019' and an already-dotted '401.9' format alike: categories must be unique
+        categories, remap = np.unique(np.asarray(formatted, dtype=object), return_inverse=True)
+        indices = remap.reshape(-1)[encoded.indices.to_numpy(zero_copy_only=False)]
         frames.append(pd.DataFrame({
             "hadm_id": part["hadm_id"].to_numpy(),
-            "code": pd.Categorical.from_codes(encoded.indices.to_numpy(zero_copy_only=False),
-                                              categories=formatted.to_pandas()).astype(str),
+            "code": pd.Categorical.from_codes(indices, categories=categories).astype(str),
             "system": system}))
     df = (pd.concat(frames, ignore_index=True) if frames
           else pd.DataFrame({"hadm_id": pd.Series(dtype="int64"), "code": pd.Series(dtype=str),

@@ -300,7 +300,11 @@ def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descript
     np.savez(tmp / "descriptions.npz", input_ids=np.asarray(description_ids, np.int32),
              attention_mask=np.asarray(description_mask, np.int8))
     if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        # only the tokenizer files (the folder is often a whole model: no weights in shards)
+        (tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), tmp / "tokenizer" / name)
     _write_json(tmp / "metadata.json", meta)  # last: its presence marks a complete directory
 
 

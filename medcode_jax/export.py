@@ -380,7 +380,7 @@ def export_from_workdir(config: Any, workdir: str, export_dir: str | None = None
     return export_model(
         run.model(), encoder_cfg=run.encoder_config, encoder_path=config.encoder.path,
         label_space=run.ds.label_space, descriptions=run.ds.descriptions,
-        threshold=train.read_threshold(workdir),
+        threshold=train.read_threshold(workdir, int(run.state.step)),
         out_dir=out_dir, flavour=flavour,
         tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
         config_dict=config.to_dict(), epoch=step // max(run.steps_per_epoch, 1),

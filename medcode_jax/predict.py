@@ -90,7 +90,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
             max_codes: int = 50) -> int:
     """Write predictions for `input_spec` to `output` (JSONL); returns the document count."""
     run = train.load_trained(config, workdir)
-    threshold = train.read_threshold(workdir)
+    threshold = train.read_threshold(workdir, int(run.state.step))
     tokenizer = _tokenizer(run)
     num_codes = min(max(config.train.predictions_top_k, 1), max_codes, run.ds.num_labels)
     step = make_predict_step(run, num_codes)

@@ -86,7 +86,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
             raise ValueError(
                 f"config.train.{name}={value} must be a multiple of the {shards_n} batch shards "
                 f"(mesh data x fsdp = {dict(mesh.shape)}) and of the {jax.process_count()} "
-                f"processes; change it or config.mesh.shape")
+                f"processes; change it or config.mesh.shape (e.g. the SIGIR recipe's 1 x 16 "
+                f"accumulation on {shards_n} devices: --config.train.{name}={shards_n}; the "
+                f"effective batch stays global_batch_size and the loss is the same)")
     return t.global_batch_size // t.micro_batch_size
 
 
@@ -432,12 +434,20 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str) -> Run:
     return run
 
 
-def read_threshold(workdir: str, default: float = 0.5) -> float:
+def read_threshold(workdir: str, step: int, default: float = 0.5) -> float:
+    """The threshold tuned for the checkpoint at `step`; `default` when none was tuned yet or
+    the file belongs to another checkpoint (a stale threshold is never paired silently)."""
     path = os.path.join(workdir, THRESHOLD_FILE)
     if not os.path.isfile(path):
         return default
     with open(path, encoding="utf-8") as f:
-        return float(json.load(f)["threshold"])
+        saved = json.load(f)
+    if int(saved.get("step", -1)) != int(step):
+        logging.warning("%s was tuned for the checkpoint of step %s, not the restored step %d: "
+                        "using threshold %.2f (re-run the training command to tune it again)",
+                        path, saved.get("step"), step, default)
+        return default
+    return float(saved["threshold"])
 
 
 def _final_evaluation(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWriter,
@@ -475,7 +485,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
     """`--mode eval`: the best checkpoint on `split` at the tuned threshold (0.5 if untuned);
     writes metrics_<split>.json and prints the table."""
     run = load_trained(config, workdir)
-    threshold = read_threshold(workdir)
+    threshold = read_threshold(workdir, int(run.state.step))
     with Evaluator(run).evaluate(run.state, split) as acc:
         results = acc.finalize(threshold)
     _write_json(os.path.join(workdir, f"metrics_{split}.json"),

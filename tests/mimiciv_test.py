@@ -136,6 +136,20 @@ def test_load_codes_formats_dedupes_and_drops_null(tmp_path):
     assert set(mimiciv.select_version(df, "icd10cm")["hadm_id"]) == {2}
 
 
+def test_already_dotted_codes_merge_with_undotted_ones(tmp_path):
+    path = _write(str(tmp_path / "d.csv.gz"), [
+        dict(hadm_id=1, icd_code="4019", icd_version=9),
+        dict(hadm_id=1, icd_code="401.9", icd_version=9),    # same code, already dotted
+        dict(hadm_id=2, icd_code="401.9", icd_version=9),
+        dict(hadm_id=2, icd_code="I10", icd_version=10),
+    ], ["hadm_id", "icd_code", "icd_version"])
+    dropped = Counter()
+    df = mimiciv.load_codes(path, "diagnosis", dropped)
+    got = sorted(zip(df["hadm_id"].tolist(), df["code"].tolist()))
+    assert got == [(1, "401.9"), (2, "401.9"), (2, "I10")]
+    assert dropped["diagnosis_duplicate_code"] == 1
+
+
 @pytest.mark.parametrize("bad", ["4019.0", "42"])
 def test_codes_read_as_numbers_are_explained(tmp_path, bad):
     path = _write(str(tmp_path / "diagnoses_icd.csv.gz"),

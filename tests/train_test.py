@@ -247,3 +247,12 @@ def test_dca_initialises_and_freezes_label_queries(assets):
                  jax.tree_util.tree_flatten_with_path(run.state.params)[0]]
     assert len(frozen) == 1 and "label_representations" in frozen[0]
     assert not any("label_representations" in k for k in trainable)
+
+
+def test_threshold_of_another_checkpoint_is_not_used(tmp_path):
+    from medcode_jax import train
+
+    assert train.read_threshold(str(tmp_path), step=7) == 0.5  # nothing tuned yet
+    (tmp_path / train.THRESHOLD_FILE).write_text(json.dumps({"threshold": 0.31, "step": 7}))
+    assert train.read_threshold(str(tmp_path), step=7) == pytest.approx(0.31)
+    assert train.read_threshold(str(tmp_path), step=9) == 0.5
