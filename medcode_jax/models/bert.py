@@ -156,14 +156,8 @@ class BertEncoder(nnx.Module):
                  deterministic: bool = True) -> jax.Array:
         bias = layers.attention_bias(attention_mask)
         x = self.embeddings(input_ids, deterministic=deterministic)
-
-        def run(layer: BertLayer, x: jax.Array, bias: jax.Array) -> jax.Array:
-            return layer(x, bias, deterministic=deterministic)
-
-        step = nnx.remat(run) if self.remat else run
-        for layer in self.layers:
-            x = step(layer, x, bias)
-        return x
+        return layers.run_layers(self.layers, x, bias, deterministic=deterministic,
+                                 remat=self.remat)
 
 
 # --- config.json <-> EncoderConfig fields -------------------------------------------------------

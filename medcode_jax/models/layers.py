@@ -274,3 +274,17 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
     local = None if window is None or fold_window else (window, window)
     return jax.nn.dot_product_attention(q, k, v, mask=keep, local_window_size=local,
                                         implementation=backend)
+
+
+def run_layers(stack: Sequence[nnx.Module], x: jax.Array, mask: jax.Array, *,
+               deterministic: bool, remat: bool) -> jax.Array:
+    """``x = layer(x, mask, deterministic=...)`` through the stack, each layer rematerialised in
+    the backward pass when ``remat`` (the shared loop of every encoder family)."""
+
+    def run(layer: nnx.Module, x: jax.Array, mask: jax.Array) -> jax.Array:
+        return layer(x, mask, deterministic=deterministic)
+
+    step = nnx.remat(run) if remat else run
+    for layer in stack:
+        x = step(layer, x, mask)
+    return x

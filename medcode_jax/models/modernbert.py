@@ -136,13 +136,8 @@ class ModernBertEncoder(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  deterministic: bool = True) -> jax.Array:
         x = self.embeddings(input_ids, deterministic=deterministic)
-
-        def run(layer: ModernBertLayer, x: jax.Array, mask: jax.Array) -> jax.Array:
-            return layer(x, mask, deterministic=deterministic)
-
-        step = nnx.remat(run) if self.remat else run
-        for layer in self.layers:
-            x = step(layer, x, attention_mask)
+        x = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
+                              remat=self.remat)
         return self.final_norm(x)
 
 

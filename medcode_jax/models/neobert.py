@@ -119,13 +119,8 @@ class NeoBertEncoder(nnx.Module):
             raise ValueError(f"chunk length {input_ids.shape[1]} exceeds the model's max_length "
                              f"{self.max_length} (config.json); use a smaller chunk size")
         x = self.tok_embeddings(input_ids).astype(self.dtype)
-
-        def run(layer: NeoBertLayer, x: jax.Array, mask: jax.Array) -> jax.Array:
-            return layer(x, mask, deterministic=deterministic)
-
-        step = nnx.remat(run) if self.remat else run
-        for layer in self.layers:
-            x = step(layer, x, attention_mask)
+        x = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
+                              remat=self.remat)
         return self.final_norm(x)
 
 
