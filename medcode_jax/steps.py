@@ -4,11 +4,20 @@ The train step receives one *global* batch of `global_batch_size` documents, res
 [accum, micro, ...] and accumulates fp32 gradients with `lax.scan`; every micro-batch's loss
 is divided by the global number of (valid document, code) pairs, so 2 x 8 equals 16 x 1.
 Dropout keys derive from (seed, step, micro index) only, so a resumed run is exact.
+
+What a model consumes and how its loss is computed is a small `ModelIO` object passed to the
+step builders (one training loop for every model): `ModelIO` is PLM-ICD / PLM-CA
+(`model(input_ids, attention_mask)` -> logits over all C codes), `RerankIO` is the PLM-RR
+re-ranker (`model(..., candidates, candidate_scores)` -> logits over K candidates, targets
+gathered from the [B, C] labels). A ModelIO is a frozen dataclass: hashable, so the loop keeps
+one jitted step per distinct value (e.g. per bucket of distinct descriptions).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import dataclasses
 
 import flax.struct
 import jax
@@ -22,6 +31,68 @@ from medcode_jax import sharding as shd
 Batch = Mapping[str, jax.Array]
 TRAIN_KEYS = ("input_ids", "attention_mask", "labels", "valid")
 EVAL_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIO:
+    """PLM-ICD / PLM-CA: `model(input_ids, attention_mask)` -> logits [B, C]; BCE against the
+    [B, C] labels, normalised by (valid documents x C)."""
+
+    train_keys = TRAIN_KEYS
+    eval_keys = EVAL_KEYS
+
+    def logits(self, model: nnx.Module, batch: Batch, *, deterministic: bool) -> jax.Array:
+        return model(batch["input_ids"], batch["attention_mask"], deterministic=deterministic)
+
+    def targets(self, batch: Batch) -> jax.Array:
+        """Targets lined up with `logits` (same shape)."""
+        return batch["labels"]
+
+    def loss_width(self, batch: Batch) -> int:
+        """Codes per document in the loss normaliser (the reference's mean over B x C)."""
+        return batch["labels"].shape[-1]
+
+    def eval_output(self, logits: jax.Array) -> jax.Array:
+        """What the eval step returns: probabilities [B, C]."""
+        return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankIO(ModelIO):
+    """PLM-RR stage 2: the re-ranker scores K candidates per document.
+
+    `num_unique`: distinct descriptions encoded per micro-batch (static; None = one per
+    (document, candidate) slot). `full_normalisation=True` divides the candidate BCE by
+    (valid documents x C), the reference's mean over the full [B, C] matrix in which
+    non-candidates contribute nothing; False takes the mean over candidates only.
+    The eval step returns the re-ranker's candidate logits [B, K] (the host builds the
+    cascade scores over all C codes from them and the retriever cache).
+    """
+
+    num_unique: int | None = None
+    full_normalisation: bool = True
+
+    train_keys = TRAIN_KEYS + ("candidates", "candidate_scores")
+    eval_keys = EVAL_KEYS + ("candidates", "candidate_scores")
+
+    def logits(self, model: nnx.Module, batch: Batch, *, deterministic: bool) -> jax.Array:
+        return model(batch["input_ids"], batch["attention_mask"], batch["candidates"],
+                     batch["candidate_scores"], num_unique=self.num_unique,
+                     deterministic=deterministic)
+
+    def targets(self, batch: Batch) -> jax.Array:
+        return jnp.take_along_axis(batch["labels"], batch["candidates"], axis=1)
+
+    def loss_width(self, batch: Batch) -> int:
+        if self.full_normalisation:
+            return batch["labels"].shape[-1]
+        return batch["candidates"].shape[-1]
+
+    def eval_output(self, logits: jax.Array) -> jax.Array:
+        return logits.astype(jnp.float32)
+
+
+PLMICD_IO = ModelIO()
 
 
 @flax.struct.dataclass
@@ -102,12 +173,13 @@ def _split_micro(x: jax.Array, accum: int, mesh: jax.sharding.Mesh | None) -> ja
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, accum_steps: int, seed: int,
                     skip_nonfinite: bool, deterministic: bool = False,
-                    mesh: jax.sharding.Mesh | None = None
+                    mesh: jax.sharding.Mesh | None = None, io: ModelIO = PLMICD_IO
                     ) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict]]:
     """The (un-jitted) train step `(state, rest, batch) -> (state, metrics)`.
 
-    `rest` holds the model's non-parameter variables (rng streams), never updated.
-    `batch` has TRAIN_KEYS, leading dimension = the global batch (a multiple of accum_steps).
+    `rest` holds the model's non-parameter variables (rng streams, constant tables), never
+    updated. `batch` has `io.train_keys`, leading dimension = the global batch (a multiple of
+    accum_steps).
     """
     base_key = jax.random.key(seed)
 
@@ -116,8 +188,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         model = nnx.merge(graphdef, params, frozen, jax.tree.map(lambda x: x, rest))
         if not deterministic:
             _reseed(model, key)
-        logits = model(mb["input_ids"], mb["attention_mask"], deterministic=deterministic)
-        return bce_sum(logits, mb["labels"], mb["valid"]) / denom
+        logits = io.logits(model, mb, deterministic=deterministic)
+        return bce_sum(logits, io.targets(mb), mb["valid"]) / denom
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -126,9 +198,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         if global_rows % accum_steps:
             raise ValueError(f"global batch of {global_rows} rows does not divide into "
                              f"{accum_steps} micro-batches")
-        num_codes = batch["labels"].shape[-1]
-        denom = jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0) * num_codes
-        micro = {k: _split_micro(batch[k], accum_steps, mesh) for k in TRAIN_KEYS}
+        denom = (jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0)
+                 * io.loss_width(batch))
+        micro = {k: _split_micro(batch[k], accum_steps, mesh) for k in io.train_keys}
         step_key = jax.random.fold_in(base_key, state.step)
 
         def body(carry, xs):
@@ -163,13 +235,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-    """`(params, frozen, rest, batch) -> probabilities` fp32 [B, C] (sigmoid of the logits)."""
+def make_eval_step(graphdef: nnx.GraphDef, io: ModelIO = PLMICD_IO) -> Callable[..., jax.Array]:
+    """`(params, frozen, rest, batch) -> io.eval_output(logits)` (PLM-ICD / PLM-CA:
+    probabilities fp32 [B, C]; PLM-RR: candidate logits [B, K])."""
 
     def step(params: nnx.State, frozen: nnx.State, rest: nnx.State, batch: Batch) -> jax.Array:
         model = nnx.merge(graphdef, params, frozen, rest)
-        logits = model(batch["input_ids"], batch["attention_mask"], deterministic=True)
-        return jax.nn.sigmoid(logits.astype(jnp.float32))
+        return io.eval_output(io.logits(model, batch, deterministic=True))
 
     return step
 
