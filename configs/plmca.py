@@ -3,6 +3,7 @@
 Variants (`--config=configs/plmca.py:<arg>`, arg = variant[,sharding preset]):
   ""     the real MIMIC-IV ICD-10 run (data.dir / encoder.path are placeholders: set them)
   "demo" the synthetic demo corpus (`make demo-data`) with the packaged MiniLM, CPU, minutes
+  "icd9" the real MIMIC-IV ICD-9 run (placeholder data.dir data/mimiciv_icd9)
   "tiny" tests only (paths set by the test)
   presets: "fsdp" (all devices on the fsdp axis, embed->fsdp), "fsdp_tp" (also tensor rules),
            and encoder presets from configs/encoders.py ("modernbert_base", "neobert", …:
@@ -35,5 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.eval_batch_size = 32
     elif variant == "tiny":
         common.tiny_overrides(c)
+    elif variant == "icd9":
+        c.data.dir = "data/mimiciv_icd9"       # placeholder: shards prepared with --icd-version 9
     common.apply_presets(c, presets)
     return c

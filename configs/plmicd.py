@@ -17,9 +17,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, _ = common.parse_arg(arg)
     c = plmca.get_config(arg)  # same fields, commented in configs/common.py
     c.model.head = "laat"
-    if variant == "":
+    if variant in ("", "icd9"):
         # placeholder: shards prepared with the sigir2023 recipe
-        c.data.dir = "data/mimiciv_icd10_sigir"
+        c.data.dir = f"data/mimiciv_{variant or 'icd10'}_sigir"
         c.train.warmup_steps = 2000   # absolute count (SIGIR), overrides warmup_fraction
         c.train.clip_norm = 0.0       # no clipping
         c.train.micro_batch_size = 1  # 1 x 16 accumulation
