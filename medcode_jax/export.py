@@ -32,11 +32,18 @@ The parity check runs the exported folder through ``medcode_jax.torch_model.load
 the JAX model (fp32) on the same random multi-chunk inputs with padding (one document has an
 all-padding chunk) and fails if the logits differ by more than ``tolerance``.
 
+PLM-RR (``export_plmrr_model``): the same folder for the retrieve-and-re-rank cascade, in the
+fork's token-level ``PLMICD`` layout (``roberta_encoder.*`` stage-2 encoder, ``frozen_encoder.*``
+retriever encoder, ``label_wise_attention.*`` retriever head, ``_dynamic_token_attention.*``
+re-ranker head through ``RERANKER_TABLE`` plus the two description buffers), ``config.json``
+``model_type: "plmrr"``; its parity check runs the whole cascade (``plmrr_cascade``).
+
 Import (``import_reference_state_dict``): reference-named weights (our ``model.safetensors``, or
 a reference ``best_model.pt`` read with ``torch.load(weights_only=True)``) into our nnx model.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -58,6 +65,7 @@ from medcode_jax.convert.keymaps import TRANSPOSE, KeyTable, Rule
 from medcode_jax.models.encoders import EncoderConfig, build_encoder, get_family
 from medcode_jax.models.heads import LabelAttention, LabelCrossAttention
 from medcode_jax.models.plm_icd import PLMICD, create_plmicd
+from medcode_jax.models.reranker import PLMRR, create_plmrr
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,21 @@ HEAD_TABLES: dict[str, KeyTable] = {
         Rule("third_linear.bias", "third_linear.bias"),
     )),
 }
+
+
+# The PLM-RR re-ranker head (fork: ``_dynamic_token_attention``, class
+# ``DynamicTokenLevelCrossAttention``) <-> ``reranker.DescriptionCrossAttention``. Its two
+# description buffers are data (``PLMRR.description_ids`` / ``description_mask``), written
+# separately by ``plmrr_state_dict``.
+RERANKER_TABLE = KeyTable(rules=(
+    Rule("q_proj.weight", "q_proj.kernel", TRANSPOSE),
+    Rule("k_proj.weight", "k_proj.kernel", TRANSPOSE),
+    Rule("v_proj.weight", "v_proj.kernel", TRANSPOSE),
+    Rule("layernorm.weight", "layernorm.scale"),
+    Rule("layernorm.bias", "layernorm.bias"),
+    Rule("output_linear.weight", "output_linear.kernel", TRANSPOSE),
+    Rule("output_linear.bias", "output_linear.bias"),
+))
 
 
 class ExportParityError(RuntimeError):
@@ -140,21 +163,34 @@ def reference_state_dict(model: PLMICD, cfg: EncoderConfig, *, flavour: str = "f
     """
     if flavour not in torch_model.FLAVOURS:
         raise ValueError(f"flavour {flavour!r} is not one of {torch_model.FLAVOURS}.")
+    out = _encoder_entries(model.encoder, cfg, torch_model.ENCODER_PREFIX, flavour=flavour,
+                           pooler=pooler)
+    out.update(_table_entries(model.label_wise_attention, HEAD_TABLES[head_type_of(model)],
+                              torch_model.HEAD_PREFIX))
+    return out
+
+
+def _encoder_entries(encoder: nnx.Module, cfg: EncoderConfig, prefix: str, *, flavour: str,
+                     pooler: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """An encoder's tensors under ``prefix`` (family key table; the pooler in "fork")."""
     table = get_family(cfg.family).key_table
-    out = {torch_model.ENCODER_PREFIX + k: v
-           for k, v in hf_io.encoder_state_dict(model.encoder, cfg).items()
+    out = {prefix + k: v for k, v in hf_io.encoder_state_dict(encoder, cfg).items()
            if not table.is_ignored(k)}
     if flavour == "fork" and table.pooler_prefix is not None:
         if not pooler:
             raise ValueError("the 'fork' flavour needs the pooler tensors (pooler_for_export); "
                              "use flavour='emc' for the reference class without a pooler.")
-        out.update({torch_model.ENCODER_PREFIX + k: np.asarray(v, np.float32)
-                    for k, v in pooler.items()})
-    head_table = HEAD_TABLES[head_type_of(model)]
-    params = _params(model.label_wise_attention)
-    for rule in head_table.rules:
+        out.update({prefix + k: np.asarray(v, np.float32) for k, v in pooler.items()})
+    return out
+
+
+def _table_entries(module: nnx.Module, table: KeyTable, prefix: str) -> dict[str, np.ndarray]:
+    """``module``'s parameters as reference-named fp32 tensors, one per rule of ``table``."""
+    params = _params(module)
+    out = {}
+    for rule in table.rules:
         value = np.asarray(jax.device_get(params[rule.ours][...]), dtype=np.float32)
-        out[torch_model.HEAD_PREFIX + rule.hf] = np.ascontiguousarray(rule.transform.to_hf(value))
+        out[prefix + rule.hf] = np.ascontiguousarray(rule.transform.to_hf(value))
     return out
 
 
@@ -441,9 +477,17 @@ def _write_reference_yaml(path: str, meta: Mapping[str, Any], *, encoder_dir: st
     if meta["flavour"] == "fork":
         configs.update(attention_type="label", init_with_descriptions=False,
                        freeze_label_embeddings=False, random_init=False)
+    plmrr = meta.get("model_type") == "plmrr"
+    if plmrr:
+        # The fork re-tokenises the descriptions (truncation at max_desc_len, padded to the
+        # longest) when it builds the model; the state dict's buffers then overwrite them.
+        configs.update(attention_type="token_level", max_desc_len=meta["max_desc_len"],
+                       pooling_temperature=1.0)
     if meta["icd_version"] is not None:
         configs["icd_version"] = meta["icd_version"]
     doc = {"model": {"name": "PLMICD", "autoregressive": False, "configs": configs}}
+    if plmrr:
+        doc["top_k"] = meta["top_k"]  # the fork's trainer reads it from the top level
     header = ("# Written by medcode_jax.export for the reference project's load_trained_model.\n"
               "# model_path: the exported encoder/ folder (edit it if this folder moves).\n")
     with open(path, "w", encoding="utf-8") as f:
@@ -548,3 +592,292 @@ def check_parity(model: PLMICD, cfg: EncoderConfig, export_dir: str, *,
             "the export was not written. This is a bug in the export mapping or in "
             "medcode_jax.torch_model for this encoder family / head type.")
     return diff
+
+
+# --- PLM-RR -----------------------------------------------------------------------------------
+#
+# The fork's PLMICD with ``attention_type="token_level"`` holds the whole cascade in one module:
+# ``roberta_encoder`` (stage-2 encoder), ``frozen_encoder`` (retriever encoder),
+# ``label_wise_attention`` (retriever LabelCrossAttention head) and ``_dynamic_token_attention``
+# (re-ranker head + the tokenised descriptions as buffers). Both encoders are built from one
+# ``model_path`` and the one ``scale`` setting goes to both heads (the retriever divides its
+# scores by it, the re-ranker multiplies by ``scale / sqrt(D)``): what that layout cannot hold is
+# refused by ``_check_plmrr_exportable``.
+
+def plmrr_cascade(reranker: PLMRR, retriever: PLMICD, input_ids: jax.Array,
+                  attention_mask: jax.Array, *, top_k: int, num_unique: int | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The inference cascade in JAX: retriever logits -> ``jax.lax.top_k`` -> re-ranker (the
+    retriever logits as ``candidate_scores``) -> ``[B, C]`` with -1e9 off the candidates.
+
+    Returns ``(logits [B, C] fp32, candidates [B, K] int32, retriever logits [B, C] fp32)``.
+    """
+    retriever_logits = retriever(input_ids, attention_mask, deterministic=True)
+    top_scores, candidates = jax.lax.top_k(retriever_logits, top_k)
+    scores = reranker(input_ids, attention_mask, candidates, top_scores, num_unique=num_unique,
+                      deterministic=True)
+    rows = jnp.arange(candidates.shape[0])[:, None]
+    full = jnp.full(retriever_logits.shape, torch_model.NON_CANDIDATE_LOGIT, jnp.float32)
+    return full.at[rows, candidates].set(scores.astype(jnp.float32)), candidates, retriever_logits
+
+
+def _architecture(cfg: EncoderConfig) -> dict[str, Any]:
+    """The fields of an encoder config that shape its weights and outputs (not dropout)."""
+    skip = {"hf_config", "hidden_dropout", "attention_dropout", "initializer_range"}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
+
+
+def _check_plmrr_exportable(reranker: PLMRR, retriever: PLMICD, *, encoder_cfg: EncoderConfig,
+                            retriever_encoder_cfg: EncoderConfig, flavour: str) -> None:
+    """Refuse, in one error, every setting the fork's PLM-RR layout cannot hold."""
+    problems = []
+    if flavour != "fork":
+        problems.append(f"flavour {flavour!r}: PLM-RR exists only in the fork "
+                        "(ngray0/Automatic-Medical-Coding); use flavour='fork'")
+    if head_type_of(retriever) != "cross_attention":
+        problems.append(f"retriever head {head_type_of(retriever)!r}: the fork's retriever is a "
+                        "PLM-CA (cross_attention) head")
+    elif float(retriever.label_wise_attention.scale) != 1.0:
+        problems.append(f"retriever scale {retriever.label_wise_attention.scale}: the fork "
+                        "passes one `scale` to both heads and its re-ranker multiplies its scores "
+                        "by scale/sqrt(D) while ours uses 1/sqrt(D); only scale 1.0 is "
+                        "representable")
+    if getattr(reranker, "fuse_retriever", False) or hasattr(reranker, "fusion_alpha"):
+        problems.append("retriever-score fusion (fuse_retriever=True, r + alpha * s): the fork's "
+                        "re-ranker has no fusion weight")
+    heads = int(getattr(reranker.rerank_attention, "num_heads", 1))
+    if heads != 1:
+        problems.append(f"num_heads={heads}: the fork's re-ranker is single-head")
+    ours, theirs = _architecture(encoder_cfg), _architecture(retriever_encoder_cfg)
+    if ours != theirs:
+        diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+        problems.append("the stage-2 and retriever encoders differ (stage-2 vs retriever: "
+                        f"{diff}); the fork builds both from one model_path")
+    for name in ("chunk_size", "pad_token_id"):
+        if getattr(reranker, name) != getattr(retriever, name):
+            problems.append(f"{name} differs: re-ranker {getattr(reranker, name)} vs retriever "
+                            f"{getattr(retriever, name)}; the fork uses one")
+    if reranker.num_labels != retriever.label_wise_attention.num_labels:
+        problems.append(f"the re-ranker's description table has {reranker.num_labels} codes but "
+                        f"the retriever scores {retriever.label_wise_attention.num_labels}")
+    if problems:
+        raise ValueError("cannot export this PLM-RR model in the reference layout:\n  - "
+                         + "\n  - ".join(problems))
+
+
+def _description_buffers(reranker: PLMRR) -> tuple[np.ndarray, np.ndarray]:
+    """The description table as the fork's int64 buffers, trimmed to the longest description.
+
+    The fork tokenises with ``padding=True`` (to the longest description), so its buffers are
+    ``[C, longest]``; our table may carry more all-padding columns, which change nothing (they
+    are masked) and are dropped so that a strict load into the fork fits.
+    """
+    ids = np.asarray(jax.device_get(reranker.description_ids[...]), dtype=np.int64)
+    mask = np.asarray(jax.device_get(reranker.description_mask[...]), dtype=np.int64)
+    used = np.nonzero((mask != 0).any(axis=0))[0]
+    length = int(used.max()) + 1 if used.size else 1
+    return np.ascontiguousarray(ids[:, :length]), np.ascontiguousarray(mask[:, :length])
+
+
+def plmrr_state_dict(reranker: PLMRR, retriever: PLMICD, cfg: EncoderConfig, *,
+                     flavour: str = "fork", pooler: Mapping[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray]:
+    """The cascade in the fork's ``PLMICD`` (token_level) naming: both encoders (with the pooler
+    in "fork"), the retriever head, the re-ranker head and the two description buffers."""
+    out = _encoder_entries(reranker.encoder, cfg, torch_model.ENCODER_PREFIX, flavour=flavour,
+                           pooler=pooler)
+    out.update(_encoder_entries(retriever.encoder, cfg, torch_model.FROZEN_ENCODER_PREFIX,
+                                flavour=flavour, pooler=pooler))
+    out.update(_table_entries(retriever.label_wise_attention, HEAD_TABLES["cross_attention"],
+                              torch_model.HEAD_PREFIX))
+    out.update(_table_entries(reranker.rerank_attention, RERANKER_TABLE,
+                              torch_model.RERANKER_PREFIX))
+    buffers = _description_buffers(reranker)
+    for name, value in zip(torch_model.DESCRIPTION_BUFFERS, buffers):
+        out[torch_model.RERANKER_PREFIX + name] = value
+    return out
+
+
+def export_plmrr_model(
+    reranker: PLMRR,
+    retriever: PLMICD,
+    *,
+    encoder_cfg: EncoderConfig,
+    retriever_encoder_cfg: EncoderConfig,
+    encoder_path: str | None,
+    label_space: Sequence[str],
+    descriptions: Sequence[str],
+    top_k: int,
+    threshold: float,
+    out_dir: str,
+    flavour: str = "fork",
+    tokenizer_dir: str | None = None,
+    config_dict: Mapping[str, Any] | None = None,
+    epoch: int = 0,
+    icd_version: int | None = None,
+    overwrite: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> str:
+    """Write the PLM-RR export folder (stage-2 ``reranker`` + stage-1 ``retriever``) at
+    ``out_dir``, atomically, and check parity of the whole cascade with top ``top_k``.
+
+    Same folder as ``export_model`` (``encoder/`` holds the stage-2 encoder) with
+    ``model_type: "plmrr"`` in ``config.json``, the fork's token-level ``config.yaml`` (and
+    ``top_k`` at its top level, where the fork's trainer reads it) and ``descriptions.json``.
+    ``encoder_path``: the pretrained HF folder both encoders started from (pooler, tokenizer).
+    Raises ``ValueError`` for what the fork cannot hold (``_check_plmrr_exportable``) and
+    ``ExportParityError`` if the PyTorch cascade differs from the JAX one (nothing is left on
+    disk then). Returns the absolute path of the folder.
+    """
+    _check_plmrr_exportable(reranker, retriever, encoder_cfg=encoder_cfg,
+                            retriever_encoder_cfg=retriever_encoder_cfg, flavour=flavour)
+    labels = [str(c) for c in label_space]
+    num_labels = reranker.num_labels
+    if len(labels) != num_labels:
+        raise ValueError(f"label_space has {len(labels)} codes but the model has {num_labels}; "
+                         "pass the label space it was trained on.")
+    if len(set(labels)) != len(labels):
+        raise ValueError("label_space has duplicate codes.")
+    if descriptions is None or len(descriptions) != len(labels):
+        raise ValueError(f"descriptions must give one text per code ({len(labels)} codes), got "
+                         f"{None if descriptions is None else len(descriptions)}.")
+    if not isinstance(top_k, (int, np.integer)) or not 1 <= int(top_k) <= num_labels:
+        raise ValueError(f"top_k must be an integer in [1, {num_labels}], got {top_k!r}.")
+    top_k = int(top_k)
+    final = os.path.abspath(out_dir)
+    if os.path.exists(final) and not overwrite:
+        raise FileExistsError(f"{final} already exists; remove it, choose another export "
+                              "directory, or pass overwrite=True.")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    try:
+        pooler = pooler_for_export(encoder_cfg, encoder_path)
+        _write_encoder(reranker, encoder_cfg, os.path.join(tmp, torch_model.ENCODER_DIR), pooler,
+                       tokenizer_dir or encoder_path)
+        state = plmrr_state_dict(reranker, retriever, encoder_cfg, flavour=flavour,
+                                 pooler=pooler)
+        _write_weights(tmp, state, num_labels=num_labels, threshold=threshold, epoch=epoch)
+        head = retriever.label_wise_attention
+        desc_length = int(state[torch_model.RERANKER_PREFIX + "description_input_ids"].shape[1])
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_type": "plmrr",
+            "family": encoder_cfg.family,
+            "flavour": flavour,
+            "head_type": "cross_attention",  # the retriever's head
+            "chunk_size": int(reranker.chunk_size),
+            "pad_token_id": int(reranker.pad_token_id),
+            "num_labels": num_labels,
+            "hidden_size": int(encoder_cfg.hidden_size),
+            "projection_size": None,
+            "scale": float(head.scale),
+            "mask_padding": bool(head.mask_padding),
+            "threshold": float(threshold),
+            "epoch": int(epoch),
+            "icd_version": icd_version,
+            "top_k": top_k,
+            "num_candidates": top_k,
+            "description_length": desc_length,
+            "max_desc_len": int(reranker.description_ids[...].shape[1]),
+            "num_heads": 1,
+            "fuse_retriever": False,
+            "non_candidate_logit": torch_model.NON_CANDIDATE_LOGIT,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "training_config": _jsonable(config_dict) if config_dict is not None else None,
+        }
+        _write_json(os.path.join(tmp, torch_model.CONFIG_FILE), meta)
+        _write_json(os.path.join(tmp, LABELS_FILE), labels)
+        _write_json(os.path.join(tmp, DESCRIPTIONS_FILE),
+                    dict(zip(labels, (str(d) for d in descriptions))))
+        _write_reference_yaml(os.path.join(tmp, YAML_FILE), meta,
+                              encoder_dir=os.path.join(final, torch_model.ENCODER_DIR))
+        meta.update(check_plmrr_parity(reranker, retriever, encoder_cfg, retriever_encoder_cfg,
+                                       tmp, top_k=top_k, tolerance=tolerance, seed=seed))
+        _write_json(os.path.join(tmp, torch_model.CONFIG_FILE), meta)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported PLM-RR %s (parity max |Δlogit| = %.2e)", final,
+             meta["parity_max_abs_diff"])
+    return final
+
+
+def _fp32_plmrr(model: PLMRR, cfg: EncoderConfig) -> PLMRR:
+    """``model`` if it computes in fp32, else an fp32 copy with the same parameters (as
+    ``_fp32_model``)."""
+    if _computes_in_fp32(model):
+        return model
+    copy = create_plmrr(
+        build_encoder(cfg, rngs=nnx.Rngs(0)),
+        description_ids=np.asarray(jax.device_get(model.description_ids[...])),
+        description_mask=np.asarray(jax.device_get(model.description_mask[...])),
+        chunk_size=model.chunk_size, pad_token_id=model.pad_token_id,
+        num_heads=int(getattr(model.rerank_attention, "num_heads", 1)),
+        fuse_retriever=bool(getattr(model, "fuse_retriever", False)), rngs=nnx.Rngs(0))
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x), np.float32)),
+                          nnx.state(model, nnx.Param))
+    nnx.update(copy, params)
+    return copy
+
+
+def check_plmrr_parity(reranker: PLMRR, retriever: PLMICD, cfg: EncoderConfig,
+                       retriever_cfg: EncoderConfig, export_dir: str, *, top_k: int,
+                       tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> dict[str, float]:
+    """Run the JAX cascade (``plmrr_cascade``, fp32) and the exported PyTorch ``PLMRR`` on the
+    same padded multi-chunk inputs; raise ``ExportParityError`` if the retriever logits or the
+    candidates' logits differ by more than ``tolerance``, or if the top-K sets differ.
+
+    A top-K set may differ only through a near tie at the boundary (the K-th and (K+1)-th JAX
+    retriever logits within ``2 * tolerance``): then the PyTorch re-ranker is compared on the JAX
+    candidates. Returns ``parity_max_abs_diff`` (candidate logits) and
+    ``parity_retriever_max_abs_diff``.
+    """
+    import torch
+
+    ids, mask = parity_inputs(vocab_size=cfg.vocab_size, pad_token_id=reranker.pad_token_id,
+                              chunk_size=reranker.chunk_size, seed=seed)
+    with jax.default_matmul_precision("highest"):
+        full, cand, ret = plmrr_cascade(_fp32_plmrr(reranker, cfg),
+                                        _fp32_model(retriever, retriever_cfg),
+                                        jnp.asarray(ids), jnp.asarray(mask), top_k=top_k)
+    jax_full, jax_cand, jax_ret = (np.asarray(x) for x in (full, cand, ret))
+    net, _ = torch_model.load_exported(export_dir)
+    t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+    with torch.no_grad():
+        torch_ret = net.retrieve(t_ids, t_mask).numpy()
+        torch_full, torch_cand = net(t_ids, t_mask, return_candidates=True)
+        torch_full, torch_cand = torch_full.numpy(), torch_cand.numpy()
+    shape = f"{ids.shape[0]} documents of {ids.shape[1]} tokens, K = {top_k}"
+    ret_diff = float(np.max(np.abs(jax_ret - torch_ret)))
+    if not np.isfinite(ret_diff) or ret_diff > tolerance:
+        raise ExportParityError(
+            f"exported PyTorch retriever logits differ from the JAX retriever's by "
+            f"{ret_diff:.3e} (tolerance {tolerance:.1e}) on {shape}; the export was not written. "
+            "This is a bug in the export mapping of frozen_encoder / label_wise_attention.")
+    same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(jax_cand, torch_cand)]
+    if all(same):
+        diff = float(np.max(np.abs(jax_full - torch_full)))
+    else:
+        ordered = -np.sort(-jax_ret, axis=-1)
+        for b in np.nonzero(~np.asarray(same))[0]:
+            gap = (ordered[b, top_k - 1] - ordered[b, top_k]) if top_k < ordered.shape[1] else 0
+            if gap > 2 * tolerance:  # retriever logits agree within tolerance: no swap possible
+                raise ExportParityError(
+                    f"the exported PyTorch model's top-{top_k} candidates differ from the JAX "
+                    f"cascade's for document {b} ({sorted(set(torch_cand[b]) ^ set(jax_cand[b]))}"
+                    f" in one set only) on {shape}; the export was not written.")
+        log.warning("PLM-RR parity: top-%d sets differ by a near tie of retriever logits "
+                    "(within %.1e); comparing the re-ranker on the JAX candidates", top_k,
+                    tolerance)
+        with torch.no_grad():
+            scores = net.rerank(t_ids, t_mask, torch.from_numpy(jax_cand).long()).numpy()
+        diff = float(np.max(np.abs(np.take_along_axis(jax_full, jax_cand, axis=1) - scores)))
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ExportParityError(
+            f"exported PyTorch PLM-RR candidate logits differ from the JAX cascade's by "
+            f"{diff:.3e} (tolerance {tolerance:.1e}) on {shape}; the export was not written. "
+            "This is a bug in the export mapping or in medcode_jax.torch_model.PLMRR.")
+    return {"parity_max_abs_diff": diff, "parity_retriever_max_abs_diff": ret_diff}

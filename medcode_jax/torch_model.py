@@ -26,6 +26,20 @@ the padded mask. ``mask_padding`` (``config.json``) selects correct padding mask
 or the reference's unmasked softmax; with ``mask_padding=False`` logits depend on how much
 padding a batch has, exactly as in the reference.
 
+PLM-RR (``config.json`` ``model_type: "plmrr"``): the fork's ``PLMICD`` with
+``attention_type="token_level"``. State-dict keys::
+
+    roberta_encoder.<HF key>                 stage-2 (re-ranking) encoder, notes and descriptions
+    frozen_encoder.<HF key>                  stage-1 (retriever) encoder, frozen
+    label_wise_attention.<head parameter>    stage-1 LabelCrossAttention head
+    _dynamic_token_attention.{q_proj,k_proj,v_proj}.weight, .layernorm.{weight,bias},
+      .output_linear.{weight,bias}, buffers .description_input_ids / .description_attention_mask
+
+``PLMRR.forward(input_ids, attention_mask)`` runs the cascade: retriever logits (no grad) ->
+``torch.topk(K)`` -> the stage-2 encoder on the note and on the K descriptions of every document
+(one batched call; ``reference_style=True`` loops over documents like the fork) -> re-ranker
+scores scattered into a ``[B, C]`` matrix filled with -1e9 (the fork's constant fill).
+
 torch and transformers are imported lazily: ``import medcode_jax.torch_model`` works without
 them; the classes are created on first use by ``torch_classes()``.
 """
@@ -44,6 +58,12 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ENCODER_PREFIX = "roberta_encoder."
 HEAD_PREFIX = "label_wise_attention."
+FROZEN_ENCODER_PREFIX = "frozen_encoder."
+RERANKER_PREFIX = "_dynamic_token_attention."
+DESCRIPTION_BUFFERS = ("description_input_ids", "description_attention_mask")
+MODEL_TYPES = ("plmicd", "plmrr")
+# Score of non-candidate codes in PLM-RR's [B, C] output (the fork's expand_topk_to_full_logits).
+NON_CANDIDATE_LOGIT = -1e9
 FLAVOURS = ("fork", "emc")
 HEAD_TYPES = ("cross_attention", "laat")
 # Encoder families whose HF base model has a pooler (and takes ``add_pooling_layer``).
@@ -54,6 +74,7 @@ OWN_FAMILIES = ("neobert",)
 _MASK_VALUE = -0.7 * 3.4028234663852886e38
 _REQUIRED_META = ("family", "flavour", "head_type", "chunk_size", "pad_token_id", "num_labels",
                   "scale", "mask_padding")
+_REQUIRED_PLMRR_META = ("top_k", "description_length", "num_heads")
 
 
 def read_meta(export_dir: str) -> dict[str, Any]:
@@ -75,14 +96,45 @@ def read_meta(export_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path}: head_type {meta['head_type']!r} is not one of {HEAD_TYPES}.")
     if meta["flavour"] not in FLAVOURS:
         raise ValueError(f"{path}: flavour {meta['flavour']!r} is not one of {FLAVOURS}.")
+    model_type = meta.setdefault("model_type", "plmicd")  # exports before PLM-RR have none
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not one of {MODEL_TYPES}.")
+    if model_type == "plmrr":
+        _check_plmrr_meta(meta, path)
     return meta
+
+
+def _check_plmrr_meta(meta: Mapping[str, Any], path: str) -> None:
+    """The PLM-RR fields of ``config.json``: top_k, description_length, num_heads."""
+    missing = [k for k in _REQUIRED_PLMRR_META if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: PLM-RR export lacks field(s) {missing}; re-export the model.")
+    num_labels = meta["num_labels"]
+    problems = []
+    if not isinstance(meta["top_k"], int) or not 1 <= meta["top_k"] <= num_labels:
+        problems.append(f"top_k {meta['top_k']!r} must be an integer in [1, num_labels="
+                        f"{num_labels}]")
+    if not isinstance(meta["description_length"], int) or meta["description_length"] < 1:
+        problems.append(f"description_length {meta['description_length']!r} must be an "
+                        "integer >= 1")
+    if meta["num_heads"] != 1:
+        problems.append(f"num_heads {meta['num_heads']!r}: only the reference's single-head "
+                        "re-ranker is supported")
+    if meta.get("fuse_retriever"):
+        problems.append("fuse_retriever is set: retriever-score fusion has no reference layout")
+    if meta["head_type"] != "cross_attention":
+        problems.append(f"head_type {meta['head_type']!r}: the PLM-RR retriever head is "
+                        "'cross_attention'")
+    if problems:
+        raise ValueError(f"{path}: invalid PLM-RR settings: " + "; ".join(problems) + ".")
 
 
 @functools.cache
 def torch_classes() -> types.SimpleNamespace:
     """The PyTorch module classes (created on first call; imports torch).
 
-    Returns a namespace with ``LabelCrossAttention``, ``LabelAttention`` and ``PLMICD``.
+    Returns a namespace with ``LabelCrossAttention``, ``LabelAttention``, ``PLMICD``,
+    ``DynamicTokenAttention``, ``PLMRR`` and ``encode_chunks``.
     """
     import torch
     from torch import nn
@@ -168,18 +220,177 @@ def torch_classes() -> types.SimpleNamespace:
             if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
                 raise ValueError("input_ids and attention_mask must both be [B, T], got "
                                  f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}.")
-            batch, length = input_ids.shape
-            c = self.chunk_size
-            fill = math.ceil(length / c) * c - length
-            ids = nn.functional.pad(input_ids, (0, fill), value=self.pad_token_id)
-            mask = nn.functional.pad(attention_mask, (0, fill), value=0)
-            out = self.roberta_encoder(input_ids=ids.reshape(-1, c),
-                                       attention_mask=mask.reshape(-1, c))
-            hidden = out.last_hidden_state.reshape(batch, ids.shape[1], -1)
+            hidden, mask = encode_chunks(self.roberta_encoder, input_ids, attention_mask,
+                                         chunk_size=self.chunk_size,
+                                         pad_token_id=self.pad_token_id)
             return self.label_wise_attention(hidden, mask, output_attention=output_attention)
 
+    def encode_chunks(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      *, chunk_size: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] -> (hidden [B, n·c, D], mask [B, n·c]): pad to whole chunks, encode rows."""
+        batch, length = input_ids.shape
+        c = chunk_size
+        fill = math.ceil(length / c) * c - length
+        ids = nn.functional.pad(input_ids, (0, fill), value=pad_token_id)
+        mask = nn.functional.pad(attention_mask, (0, fill), value=0)
+        out = encoder(input_ids=ids.reshape(-1, c), attention_mask=mask.reshape(-1, c))
+        return out.last_hidden_state.reshape(batch, ids.shape[1], -1), mask
+
+    class DynamicTokenAttention(nn.Module):
+        """PLM-RR re-ranker head (the fork's ``DynamicTokenLevelCrossAttention``, same names).
+
+        Per document b and candidate k, with description states E [L, D] (mask m) and note
+        states H [T, D]: q = E Wq, k = H Wk, v = H Wv (no biases); A = softmax over note tokens
+        of q kᵀ / √D with note padding masked; context A v zeroed on description padding; p = mean
+        over the real description tokens; score = w · LayerNorm(p) + b. Buffers hold the
+        tokenised descriptions of all C codes ([C, L], int64, right-padded).
+        """
+
+        def __init__(self, hidden_size: int, num_labels: int, description_length: int):
+            super().__init__()
+            d = hidden_size
+            self.q_proj = nn.Linear(d, d, bias=False)
+            self.k_proj = nn.Linear(d, d, bias=False)
+            self.v_proj = nn.Linear(d, d, bias=False)
+            self.output_linear = nn.Linear(d, 1)
+            self.layernorm = nn.LayerNorm(d, eps=1e-5)
+            self.register_buffer("description_input_ids",
+                                 torch.zeros(num_labels, description_length, dtype=torch.long))
+            self.register_buffer("description_attention_mask",
+                                 torch.zeros(num_labels, description_length, dtype=torch.long))
+            self.scale = 1.0 / math.sqrt(d)
+
+        def forward(self, x: torch.Tensor, encoded_descriptions: torch.Tensor,
+                    description_attention_mask: torch.Tensor,
+                    attention_masks: torch.Tensor, *, pool_first: bool = True) -> torch.Tensor:
+            """Note x [B, T, D], descriptions [B, K, L, D] with mask [B, K, L], note mask
+            [B, T] -> scores [B, K] fp32.
+
+            ``pool_first`` (default): average the attention over description tokens before it
+            meets the values (Ā = Σ_l m A / n, p = Ā v: same math, no [B, K, L, D] context);
+            ``False`` builds the context like the fork. A document without real tokens gets
+            zero attention (p = 0); so does a description without real tokens.
+            """
+            q = self.q_proj(encoded_descriptions)  # [B, K, L, D]
+            keys = self.k_proj(x)  # [B, T, D]
+            values = self.v_proj(x)  # [B, T, D]
+            scores = torch.einsum("bkld,btd->bklt", q, keys).float() * self.scale
+            real = (attention_masks != 0)[:, None, None, :]  # [B, 1, 1, T]
+            scores = scores.masked_fill(~real, _MASK_VALUE)
+            attention = torch.softmax(scores, dim=-1) * real.any(dim=-1, keepdim=True)
+            desc_real = (description_attention_mask != 0).to(attention.dtype)  # [B, K, L]
+            count = desc_real.sum(-1).clamp(min=1.0)[..., None]  # [B, K, 1]
+            if pool_first:
+                pooled_attention = torch.einsum("bklt,bkl->bkt", attention, desc_real) / count
+                pooled = torch.einsum("bkt,btd->bkd", pooled_attention.to(values.dtype), values)
+            else:
+                context = torch.einsum("bklt,btd->bkld", attention.to(values.dtype), values)
+                context = context * desc_real[..., None].to(context.dtype)
+                pooled = context.sum(dim=2) / count.to(context.dtype)
+            y = self.layernorm(pooled.float())
+            return (y * self.output_linear.weight[0].float()).sum(-1) + self.output_linear.bias
+
+    class PLMRR(nn.Module):
+        """Retrieve-and-re-rank cascade with the fork's attribute names (module docstring)."""
+
+        def __init__(self, encoder: nn.Module, frozen_encoder: nn.Module,
+                     retriever_head: nn.Module, reranker: nn.Module, *, chunk_size: int,
+                     pad_token_id: int, top_k: int):
+            super().__init__()
+            self.roberta_encoder = encoder
+            self.frozen_encoder = frozen_encoder
+            for p in self.frozen_encoder.parameters():
+                p.requires_grad_(False)
+            self.label_wise_attention = retriever_head
+            self._dynamic_token_attention = reranker
+            self.chunk_size = chunk_size
+            self.pad_token_id = pad_token_id
+            self.top_k = top_k
+
+        @property
+        def num_labels(self) -> int:
+            return int(self._dynamic_token_attention.description_input_ids.shape[0])
+
+        def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            """Stage 1 (no gradient): retriever logits [B, C]."""
+            with torch.no_grad():
+                hidden, mask = encode_chunks(self.frozen_encoder, input_ids, attention_mask,
+                                             chunk_size=self.chunk_size,
+                                             pad_token_id=self.pad_token_id)
+                return self.label_wise_attention(hidden, mask).float()
+
+        def select(self, retriever_logits: torch.Tensor, top_k: int,
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
+            """Candidate ids [B, K]: the top K by retriever logit (descending), or with
+            ``targets`` [B, C] (training) the fork's gold forcing: every gold code (ascending
+            id), then the highest-ranked non-gold codes (vectorised, same order as the fork's
+            per-document loop; more than K gold codes keep the K smallest ids)."""
+            with torch.no_grad():
+                top = torch.topk(retriever_logits, k=top_k, dim=-1).indices
+                if targets is None:
+                    return top
+                c = retriever_logits.shape[-1]
+                gold = targets != 0
+                priority = torch.full_like(retriever_logits, 3.0 * c)
+                rank = torch.arange(top_k, device=top.device, dtype=priority.dtype)
+                priority.scatter_(1, top, (c + rank).expand_as(top).contiguous())
+                ids = torch.arange(c, device=top.device, dtype=priority.dtype).expand_as(priority)
+                priority = torch.where(gold, ids, priority)
+                return torch.topk(-priority, k=top_k, dim=-1).indices
+
+        def rerank(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   candidates: torch.Tensor, *, reference_style: bool = False) -> torch.Tensor:
+            """Stage 2: re-ranker logits [B, K] of ``candidates`` [B, K] (code ids).
+
+            Default: the B·K descriptions are encoded in one call. ``reference_style=True``
+            encodes them document by document and builds the [B, K, L, D] context, as the fork.
+            """
+            hidden, mask = encode_chunks(self.roberta_encoder, input_ids, attention_mask,
+                                         chunk_size=self.chunk_size,
+                                         pad_token_id=self.pad_token_id)
+            table = self._dynamic_token_attention
+            batch, k = candidates.shape
+            desc_ids = table.description_input_ids[candidates]  # [B, K, L]
+            desc_mask = table.description_attention_mask[candidates]
+            if reference_style:
+                encoded = torch.stack([
+                    self.roberta_encoder(input_ids=desc_ids[b],
+                                         attention_mask=desc_mask[b]).last_hidden_state
+                    for b in range(batch)])
+            else:
+                encoded = self.roberta_encoder(
+                    input_ids=desc_ids.reshape(batch * k, -1),
+                    attention_mask=desc_mask.reshape(batch * k, -1),
+                ).last_hidden_state.reshape(batch, k, desc_ids.shape[-1], -1)
+            return self._dynamic_token_attention(hidden, encoded, desc_mask, mask,
+                                                 pool_first=not reference_style)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    top_k: int | None = None, targets: torch.Tensor | None = None,
+                    return_candidates: bool = False, reference_style: bool = False):
+            """[B, T] ids and mask -> logits [B, C] fp32: re-ranker scores of the top-K
+            retriever candidates, -1e9 elsewhere (, candidates [B, K] if asked).
+
+            ``targets`` [B, C] (training only, as in the fork) forces the gold codes in.
+            """
+            if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+                raise ValueError("input_ids and attention_mask must both be [B, T], got "
+                                 f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}.")
+            k = self.top_k if top_k is None else int(top_k)
+            retriever_logits = self.retrieve(input_ids, attention_mask)
+            candidates = self.select(retriever_logits, k,
+                                     targets if self.training else None)
+            scores = self.rerank(input_ids, attention_mask, candidates,
+                                 reference_style=reference_style)
+            full = torch.full(retriever_logits.shape, NON_CANDIDATE_LOGIT,
+                              dtype=torch.float32, device=scores.device)
+            full = full.scatter(1, candidates, scores.float())
+            return (full, candidates) if return_candidates else full
+
     return types.SimpleNamespace(LabelCrossAttention=LabelCrossAttention,
-                                 LabelAttention=LabelAttention, PLMICD=PLMICD)
+                                 LabelAttention=LabelAttention, PLMICD=PLMICD,
+                                 DynamicTokenAttention=DynamicTokenAttention, PLMRR=PLMRR,
+                                 encode_chunks=encode_chunks)
 
 
 def build_encoder(encoder_dir: str, *, family: str, with_pooler: bool,
@@ -331,15 +542,31 @@ def neobert_classes() -> types.SimpleNamespace:
 
 
 def build_model(export_dir: str, meta: Mapping[str, Any]):
-    """A PyTorch ``PLMICD`` with the architecture described by ``meta`` (weights random)."""
+    """A PyTorch ``PLMICD`` (or ``PLMRR`` for ``model_type: "plmrr"``) with the architecture
+    described by ``meta`` (weights random)."""
     classes = torch_classes()
     family = meta["family"]
-    # Fully padded chunk rows: transformers' SDPA path returns other values for them than the
-    # eager path (and our JAX encoder), which matters only when the head attends to padding.
-    encoder = build_encoder(os.path.join(export_dir, ENCODER_DIR), family=family,
-                            with_pooler=meta["flavour"] == "fork" and family in POOLER_FAMILIES,
-                            attn_implementation="sdpa" if meta["mask_padding"] else "eager")
+
+    def new_encoder():
+        # Fully padded chunk rows: transformers' SDPA path returns other values for them than
+        # the eager path (and our JAX encoder), which matters only when a head attends to
+        # padding.
+        return build_encoder(os.path.join(export_dir, ENCODER_DIR), family=family,
+                             with_pooler=meta["flavour"] == "fork" and family in POOLER_FAMILIES,
+                             attn_implementation="sdpa" if meta["mask_padding"] else "eager")
+
+    encoder = new_encoder()
     hidden = int(encoder.config.hidden_size)
+    if meta.get("model_type", "plmicd") == "plmrr":
+        # Both encoders share encoder/config.json (the fork builds both from one model_path).
+        retriever_head = classes.LabelCrossAttention(hidden, int(meta["num_labels"]),
+                                                     scale=float(meta["scale"]),
+                                                     mask_padding=bool(meta["mask_padding"]))
+        reranker = classes.DynamicTokenAttention(hidden, int(meta["num_labels"]),
+                                                 int(meta["description_length"]))
+        return classes.PLMRR(encoder, new_encoder(), retriever_head, reranker,
+                             chunk_size=int(meta["chunk_size"]),
+                             pad_token_id=int(meta["pad_token_id"]), top_k=int(meta["top_k"]))
     if meta["head_type"] == "cross_attention":
         head = classes.LabelCrossAttention(hidden, int(meta["num_labels"]),
                                            scale=float(meta["scale"]),
@@ -354,6 +581,8 @@ def build_model(export_dir: str, meta: Mapping[str, Any]):
 
 def load_exported(export_dir: str, *, device: str = "cpu"):
     """Rebuild the exported model: returns ``(model in eval mode, meta dict)``.
+
+    ``PLMICD`` for PLM-ICD / PLM-CA exports, ``PLMRR`` for ``model_type: "plmrr"``.
 
     Reads ``config.json`` and ``model.safetensors`` only (never unpickles ``best_model.pt``);
     the state dict is loaded strictly, so any key mismatch is an error.
