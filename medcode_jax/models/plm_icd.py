@@ -3,7 +3,8 @@
 Chunked encoding (spec `models.md` §1): token ids [B, T] (T a multiple of the chunk size c; the
 input pipeline pads every batch to a bucket of n·c tokens) are viewed as [B·n, c], encoded
 independently (the encoder restarts position ids in every row), and reshaped back to
-[B, n·c, D]; the head attends over all n·c positions with the [B, n·c] mask.
+[B, n·c, D]; the head attends over all n·c positions with the [B, n·c] mask. The encoding is
+the module-level `chunked_encode`, shared with PLM-RR (`reranker.PLMRR`).
 
 Attribute names: `encoder` (any module with the contract
 `encoder(input_ids [N, c] int32, attention_mask [N, c], *, deterministic) -> [N, c, D]`) and
@@ -54,23 +55,11 @@ class PLMICD(nnx.Module):
         self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True
     ) -> tuple[jax.Array, jax.Array]:
         """input_ids, attention_mask [B, T] -> (hidden [B, T, D], attention_mask [B, T])."""
-        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                "PLMICD: input_ids and attention_mask must both be [B, T], got "
-                f"{input_ids.shape} and {attention_mask.shape}."
-            )
-        batch, length = input_ids.shape
-        c = self.chunk_size
-        if length % c != 0:
-            raise ValueError(
-                f"PLMICD: sequence length {length} is not a multiple of chunk_size {c}; pad the "
-                "batch to a whole number of chunks (the input pipeline's buckets do this)."
-            )
-        rows = batch * (length // c)
-        hidden = self._encode_rows(
-            input_ids.reshape(rows, c), attention_mask.reshape(rows, c), deterministic
+        return chunked_encode(
+            self.encoder, input_ids, attention_mask, chunk_size=self.chunk_size,
+            pad_token_id=self.pad_token_id, deterministic=deterministic,
+            encoder_batch_size=self.encoder_batch_size, caller="PLMICD",
         )
-        return hidden.reshape(batch, length, hidden.shape[-1]), attention_mask
 
     def __call__(
         self,
@@ -84,30 +73,77 @@ class PLMICD(nnx.Module):
         hidden, mask = self.encode(input_ids, attention_mask, deterministic=deterministic)
         return self.label_wise_attention(hidden, mask, return_attention=return_attention)
 
-    def _encode_rows(self, ids: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
-        """[N, c] -> [N, c, D], optionally `encoder_batch_size` rows at a time."""
-        size = self.encoder_batch_size
-        rows = ids.shape[0]
-        if size is None or rows <= size:
-            return self.encoder(ids, mask, deterministic=deterministic)
-        steps = -(-rows // size)
-        fill = steps * size - rows
-        ids = jnp.pad(ids, ((0, fill), (0, 0)), constant_values=self.pad_token_id)
-        mask = jnp.pad(mask, ((0, fill), (0, 0)))
-        ids = ids.reshape(steps, size, -1)
-        mask = mask.reshape(steps, size, -1)
-        # Only the RNG state changes during a call (dropout); carry it through the scan and
-        # close over everything else.
-        graphdef, rng_state, rest = nnx.split(self.encoder, nnx.RngState, ...)
 
-        def body(rng_carry: nnx.State, xs: tuple[jax.Array, jax.Array]):
-            encoder = nnx.merge(graphdef, rng_carry, rest)
-            hidden = encoder(xs[0], xs[1], deterministic=deterministic)
-            return nnx.state(encoder, nnx.RngState), hidden
+def chunked_encode(
+    encoder: nnx.Module,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    chunk_size: int,
+    pad_token_id: int,
+    deterministic: bool = True,
+    encoder_batch_size: int | None = None,
+    caller: str = "chunked_encode",
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked note encoding shared by PLM-ICD/PLM-CA and PLM-RR (module docstring).
 
-        rng_state, hidden = jax.lax.scan(body, rng_state, (ids, mask))
-        nnx.update(self.encoder, rng_state)
-        return hidden.reshape(steps * size, *hidden.shape[2:])[:rows]
+    input_ids, attention_mask [B, T] (T a multiple of `chunk_size`) -> (hidden [B, T, D],
+    attention_mask [B, T]). The B·(T/c) chunk rows are encoded independently; with
+    `encoder_batch_size` they go through the encoder that many rows at a time in a `lax.scan`
+    (filler rows are `pad_token_id` with an all-zero mask). `caller` prefixes error messages.
+    """
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"{caller}: input_ids and attention_mask must both be [B, T], got "
+            f"{input_ids.shape} and {attention_mask.shape}."
+        )
+    batch, length = input_ids.shape
+    c = chunk_size
+    if length % c != 0:
+        raise ValueError(
+            f"{caller}: sequence length {length} is not a multiple of chunk_size {c}; pad the "
+            "batch to a whole number of chunks (the input pipeline's buckets do this)."
+        )
+    rows = batch * (length // c)
+    hidden = encode_rows(
+        encoder, input_ids.reshape(rows, c), attention_mask.reshape(rows, c),
+        deterministic=deterministic, pad_token_id=pad_token_id, batch_size=encoder_batch_size,
+    )
+    return hidden.reshape(batch, length, hidden.shape[-1]), attention_mask
+
+
+def encode_rows(
+    encoder: nnx.Module,
+    ids: jax.Array,
+    mask: jax.Array,
+    *,
+    deterministic: bool,
+    pad_token_id: int,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """[N, c] -> [N, c, D], optionally `batch_size` rows at a time (a `lax.scan`)."""
+    size = batch_size
+    rows = ids.shape[0]
+    if size is None or rows <= size:
+        return encoder(ids, mask, deterministic=deterministic)
+    steps = -(-rows // size)
+    fill = steps * size - rows
+    ids = jnp.pad(ids, ((0, fill), (0, 0)), constant_values=pad_token_id)
+    mask = jnp.pad(mask, ((0, fill), (0, 0)))
+    ids = ids.reshape(steps, size, -1)
+    mask = mask.reshape(steps, size, -1)
+    # Only the RNG state changes during a call (dropout); carry it through the scan and
+    # close over everything else.
+    graphdef, rng_state, rest = nnx.split(encoder, nnx.RngState, ...)
+
+    def body(rng_carry: nnx.State, xs: tuple[jax.Array, jax.Array]):
+        module = nnx.merge(graphdef, rng_carry, rest)
+        hidden = module(xs[0], xs[1], deterministic=deterministic)
+        return nnx.state(module, nnx.RngState), hidden
+
+    rng_state, hidden = jax.lax.scan(body, rng_state, (ids, mask))
+    nnx.update(encoder, rng_state)
+    return hidden.reshape(steps * size, *hidden.shape[2:])[:rows]
 
 
 def encoder_hidden_size(encoder: nnx.Module, chunk_size: int) -> int:
