@@ -5,9 +5,9 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 DEMO_RAW    ?= data/demo/raw
 DEMO_SHARDS ?= data/demo/icd10
-DEMO_RUN    ?= runs/demo_plmca
+DEMO_RUN    ?= runs/demo_plmrr
 
-.PHONY: venv demo demo-data test clean-demo
+.PHONY: venv demo demo-plmca demo-data test clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,11 +32,15 @@ $(DEMO_SHARDS)/metadata.json: $(DEMO_RAW)/.complete
 
 demo-data: $(DEMO_SHARDS)/metadata.json
 
+# PLM-RR: stage 1 (PLM-CA retriever), candidate cache, stage 2 (re-ranker), comparison table
 demo: demo-data
-	$(PY) -m medcode_jax.main --config=configs/plmca.py:demo --workdir=$(DEMO_RUN)
+	$(PY) -m medcode_jax.main --config=configs/plmrr.py:demo --workdir=$(DEMO_RUN)
+
+demo-plmca: demo-data
+	$(PY) -m medcode_jax.main --config=configs/plmca.py:demo --workdir=runs/demo_plmca
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:
-	rm -rf data/demo $(DEMO_RUN)
+	rm -rf data/demo $(DEMO_RUN) runs/demo_plmca

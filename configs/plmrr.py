@@ -99,6 +99,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rerank.k = 4
         c.rerank.k_max = 8
         c.rerank.description_length = 8
-        c.rerank.unique_multiple = 8
+        c.rerank.unique_multiple = 16   # one distinct-description bucket: one compiled shape
     common.apply_presets(c, presets)
     return c

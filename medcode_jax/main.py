@@ -68,7 +68,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/plmca.py:demo")
     from medcode_jax import predict, train  # after distributed initialisation
 
-    if _MODE.value == "train":
+    if config.model.type == "plmrr":
+        _plmrr(config)
+    elif _MODE.value == "train":
         train.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "eval":
         train.evaluate_checkpoint(config, _WORKDIR.value, _SPLIT.value)
@@ -82,6 +84,26 @@ def main(argv: list[str]) -> None:
         if not (_INPUT.value and _OUTPUT.value):
             raise app.UsageError("--mode=predict needs --input and --output")
         count = predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
+        logging.info("wrote predictions for %d documents to %s", count, _OUTPUT.value)
+
+
+def _plmrr(config) -> None:
+    """PLM-RR (configs/plmrr.py): --workdir is the pipeline's root (retriever/, candidates/,
+    reranker/)."""
+    from medcode_jax import pipelines
+
+    if _MODE.value == "train":
+        pipelines.run_plmrr(config, _WORKDIR.value)
+    elif _MODE.value == "eval":
+        pipelines.evaluate(config, _WORKDIR.value, _SPLIT.value)
+    elif _MODE.value == "export":
+        out = pipelines.export(config, _WORKDIR.value, _EXPORT_DIR.value,
+                               flavour=_EXPORT_FLAVOUR.value)
+        logging.info("exported to %s", out)
+    else:
+        if not (_INPUT.value and _OUTPUT.value):
+            raise app.UsageError("--mode=predict needs --input and --output")
+        count = pipelines.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
         logging.info("wrote predictions for %d documents to %s", count, _OUTPUT.value)
 
 

@@ -29,10 +29,11 @@ from medcode_jax import checkpointing, input_pipeline, metrics as metrics_lib
 from medcode_jax import sharding as shd
 from medcode_jax import steps, writers
 from medcode_jax.convert import hf_io
-from medcode_jax.models import encoders, heads, plm_icd
+from medcode_jax.models import encoders, heads, plm_icd, reranker
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 HEADS = ("cross_attention", "laat")
+MODEL_TYPES = ("plmicd", "plmrr")
 THRESHOLD_FILE = "best_threshold.json"
 PREDICTIONS_FILE = "predictions_test.jsonl"
 DESCRIPTION_BATCH = 64  # descriptions encoded per call for the DCA query init
@@ -57,10 +58,40 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     buckets: tuple[int, ...]
+    feeder: "Feeder" = dataclasses.field(default_factory=lambda: Feeder())
 
     def model(self, state: steps.TrainState | None = None) -> nnx.Module:
         state = self.state if state is None else state
         return nnx.merge(self.graphdef, state.params, state.frozen, self.rest)
+
+
+class Feeder:
+    """Host side of a `steps.ModelIO`: which batch fields go to the device (with which static
+    ModelIO, i.e. which compiled step) and how eval outputs become [b, C] probabilities.
+
+    This one is PLM-ICD / PLM-CA (fields as the input pipeline makes them); PLM-RR's
+    (`pipelines.RerankFeeder`) adds the candidates from the retriever cache.
+    `init_weights(model)`, when set, replaces the pretrained-encoder load of a fresh start.
+    """
+
+    init_weights = None
+
+    def train_inputs(self, batch: dict[str, np.ndarray], *, accum: int
+                     ) -> tuple[steps.ModelIO, dict[str, np.ndarray]]:
+        return steps.PLMICD_IO, {k: batch[k] for k in steps.TRAIN_KEYS}
+
+    def eval_inputs(self, batch: dict[str, np.ndarray], split: str
+                    ) -> tuple[steps.ModelIO, dict[str, np.ndarray]]:
+        return steps.PLMICD_IO, {k: batch[k] for k in steps.EVAL_KEYS}
+
+    def probabilities(self, outputs: np.ndarray, host: dict[str, np.ndarray],
+                      split: str) -> np.ndarray:
+        """Eval-step outputs (global rows) -> probabilities [b, C]."""
+        return outputs
+
+    def train_scalars(self) -> dict[str, float]:
+        """Extra train scalars since the last call (e.g. the distinct-description share)."""
+        return {}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -69,7 +100,10 @@ class Run:
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
     """Cheap checks that fail before any compilation; returns the accumulation steps."""
     t = config.train
-    if config.model.head not in HEADS:
+    model_type = config.model.type
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"config.model.type={model_type!r}: use one of {MODEL_TYPES}")
+    if model_type == "plmicd" and config.model.head not in HEADS:
         raise ValueError(f"config.model.head={config.model.head!r}: use one of {HEADS}")
     if t.dtype not in DTYPES:
         raise ValueError(f"config.train.dtype={t.dtype!r}: use one of {sorted(DTYPES)}")
@@ -92,11 +126,44 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     return t.global_batch_size // t.micro_batch_size
 
 
+def description_table(ds: shards.PreparedDataset, length: int, sep_token_id: int | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The prepared [C, 64] description tokens truncated to `length` tokens the way the
+    tokenizer truncates (the last kept position becomes the separator when a description was
+    cut), then trimmed to the longest real description (the reference pads to the longest)."""
+    ids = np.asarray(ds.description_ids, np.int32)
+    mask = np.asarray(ds.description_mask, np.int32)
+    if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] != ds.num_labels:
+        raise shards.DatasetMismatchError(
+            f"{ds.path}/descriptions.npz holds tables of shape {ids.shape} / {mask.shape}, "
+            f"expected [{ds.num_labels}, L]: re-run data_prep for these shards")
+    if not 2 <= length:
+        raise ValueError(f"config.rerank.description_length={length} must be >= 2")
+    cut = mask.sum(axis=1) > length
+    ids, mask = ids[:, :length].copy(), mask[:, :length].copy()
+    if cut.any() and sep_token_id is not None:
+        ids[cut, length - 1] = sep_token_id
+    longest = max(int(mask.sum(axis=1).max(initial=1)), 1)
+    return ids[:, :longest], mask[:, :longest]
+
+
 def build_model(config: ml_collections.ConfigDict, enc_cfg: encoders.EncoderConfig,
-                num_labels: int, pad_token_id: int, rngs: nnx.Rngs) -> plm_icd.PLMICD:
+                ds: shards.PreparedDataset, rngs: nnx.Rngs) -> nnx.Module:
+    """PLMICD (PLM-ICD / PLM-CA) or, with config.model.type == "plmrr", the PLM-RR re-ranker."""
     dtype = DTYPES[config.train.dtype]
+    num_labels, pad_token_id = ds.num_labels, ds.pad_token_id
     encoder = encoders.build_encoder(enc_cfg, rngs=rngs, dtype=dtype, param_dtype=jnp.float32,
                                      remat=config.train.remat)
+    if config.model.type == "plmrr":
+        r = config.rerank
+        tok = ds.metadata.get("tokenizer") or {}
+        ids, mask = description_table(ds, r.description_length, tok.get("sep_token_id"))
+        return reranker.create_plmrr(
+            encoder, description_ids=ids, description_mask=mask,
+            chunk_size=config.data.chunk_size, pad_token_id=pad_token_id,
+            num_heads=r.num_heads, fuse_retriever=r.fuse_retriever,
+            description_grad=r.description_grad, rngs=rngs, dtype=dtype,
+            param_dtype=jnp.float32)
     return plm_icd.create_plmicd(
         encoder, num_labels=num_labels, head_type=config.model.head,
         chunk_size=config.data.chunk_size, pad_token_id=pad_token_id, scale=config.model.scale,
@@ -139,7 +206,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
 
     def make_model() -> plm_icd.PLMICD:
         rngs = nnx.Rngs(params=t.seed, dropout=t.seed + 1)
-        return build_model(config, enc_cfg, ds.num_labels, ds.pad_token_id, rngs)
+        return build_model(config, enc_cfg, ds, rngs)
 
     def init() -> tuple[steps.TrainState, nnx.State]:
         _, params, frozen_params, rest = nnx.split(make_model(), trainable, nnx.Param, ...)
@@ -151,21 +218,28 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     with nnx.use_eager_sharding(False):
         graphdef = nnx.split(nnx.eval_shape(make_model), trainable, nnx.Param, ...)[0]
     (state, rest), (state_sh, rest_sh), abstract = shd.create_sharded(init, mesh, config.mesh.rules)
-    return Run(config=config, ds=ds, mesh=mesh, encoder_config=enc_cfg, graphdef=graphdef,
-               state=state, rest=rest, state_shardings=state_sh, rest_shardings=rest_sh,
-               abstract_state=shd.abstract_with_shardings(abstract[0], state_sh), tx=tx,
-               schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               buckets=input_pipeline.bucket_chunk_counts(
-                   config.data.max_length, config.data.chunk_size, config.data.bucket_multiple))
+    run = Run(config=config, ds=ds, mesh=mesh, encoder_config=enc_cfg, graphdef=graphdef,
+              state=state, rest=rest, state_shardings=state_sh, rest_shardings=rest_sh,
+              abstract_state=shd.abstract_with_shardings(abstract[0], state_sh), tx=tx,
+              schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              buckets=input_pipeline.bucket_chunk_counts(
+                  config.data.max_length, config.data.chunk_size, config.data.bucket_multiple))
+    if config.model.type == "plmrr":
+        from medcode_jax import pipelines  # PLM-RR's host side: candidates from the cache
+
+        run.feeder = pipelines.rerank_feeder(config, run)
+    return run
 
 
 def initialise_weights(run: Run) -> None:
     """Fresh start only: load the pretrained encoder and (DCA) the description queries."""
     config = run.config
-    if not (config.encoder.pretrained or config.model.dca):
+    if not (config.encoder.pretrained or config.model.dca or run.feeder.init_weights):
         return
     model = run.model()
-    if config.encoder.pretrained:
+    if run.feeder.init_weights is not None:  # e.g. PLM-RR: the encoder from the retriever
+        run.feeder.init_weights(model)
+    elif config.encoder.pretrained:
         hf_io.load_pretrained_into(model.encoder, run.encoder_config, config.encoder.path)
     if config.model.dca:
         queries = heads.description_query_init(
@@ -195,8 +269,16 @@ class Evaluator:
 
     def __init__(self, run: Run):
         self.run = run
-        self.step = steps.jit_eval_step(steps.make_eval_step(run.graphdef), run.state_shardings,
-                                        run.rest_shardings, run.mesh)
+        self._steps: dict[steps.ModelIO, Any] = {}
+
+    def step(self, io: steps.ModelIO):
+        """The jitted eval step for `io` (one compiled program per distinct ModelIO)."""
+        if io not in self._steps:
+            run = self.run
+            self._steps[io] = steps.jit_eval_step(steps.make_eval_step(run.graphdef, io),
+                                                  run.state_shardings, run.rest_shardings,
+                                                  run.mesh)
+        return self._steps[io]
 
     def batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         c = self.run.config
@@ -214,12 +296,13 @@ class Evaluator:
     def predict(self, state: steps.TrainState, split: str
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """(probabilities [b, C], host batch fields) for every global batch of `split`."""
+        feeder = self.run.feeder
         for batch in self.batches(split):
-            inputs = input_pipeline.to_global(
-                {k: batch[k] for k in steps.EVAL_KEYS}, self.run.mesh)
-            probs = self.step(state.params, state.frozen, self.run.rest, inputs)
+            io, fields = feeder.eval_inputs(batch, split)
+            inputs = input_pipeline.to_global(fields, self.run.mesh)
+            outputs = self.step(io)(state.params, state.frozen, self.run.rest, inputs)
             host = {k: host_rows(batch[k]) for k in ("labels", "valid", "doc_ids")}
-            yield host_rows(probs), host
+            yield feeder.probabilities(host_rows(outputs), host, split), host
 
     def evaluate(self, state: steps.TrainState, split: str, *,
                  predictions: str | None = None, top_k: int = 20
@@ -282,11 +365,28 @@ def _check_resume(run: Run, meta: dict, workdir: str) -> None:
             f"Use a new --workdir for this dataset.") from None
 
 
+def strict_json(obj: Any) -> Any:
+    """A copy of `obj` that strict JSON parsers accept: NaN / inf (a metric over an empty set,
+    e.g. a frequency band without codes) become null."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def _write_json(path: str, obj: Any) -> None:
+    """Process 0 writes `obj` as strict JSON (null for undefined metrics), atomically."""
     if jax.process_index() == 0:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(strict_json(obj), f, indent=1, allow_nan=False)
             f.write("\n")
+        os.replace(tmp, path)
 
 
 def _config_text(config: ml_collections.ConfigDict) -> str:
@@ -335,10 +435,16 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
     else:
         initialise_weights(run)
     accum = t.global_batch_size // t.micro_batch_size
-    train_step = steps.jit_train_step(
-        steps.make_train_step(run.graphdef, run.tx, run.schedule, accum_steps=accum,
-                              seed=t.seed, skip_nonfinite=t.skip_nonfinite, mesh=run.mesh),
-        run.state_shardings, run.rest_shardings, run.mesh)
+    compiled: dict[steps.ModelIO, Any] = {}
+
+    def train_step(io: steps.ModelIO):
+        if io not in compiled:
+            compiled[io] = steps.jit_train_step(
+                steps.make_train_step(run.graphdef, run.tx, run.schedule, accum_steps=accum,
+                                      seed=t.seed, skip_nonfinite=t.skip_nonfinite,
+                                      mesh=run.mesh, io=io),
+                run.state_shardings, run.rest_shardings, run.mesh)
+        return compiled[io]
     step = int(run.state.step)
     done_this_run = 0
     window = {"docs": 0, "tokens": 0, "time": time.perf_counter(), "steps": 0}
@@ -346,15 +452,18 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
                  run.steps_per_epoch, accum, t.micro_batch_size)
     while step < run.total_steps and not progress["stopped"]:
         batch = next(train_iter)
-        inputs = input_pipeline.to_global({k: batch[k] for k in steps.TRAIN_KEYS}, run.mesh)
-        run.state, metrics = train_step(run.state, run.rest, inputs)
+        io, fields = run.feeder.train_inputs(batch, accum=accum)
+        inputs = input_pipeline.to_global(fields, run.mesh)
+        run.state, metrics = train_step(io)(run.state, run.rest, inputs)
         step += 1
         done_this_run += 1
         window["docs"] += int(np.sum(batch["valid"])) * jax.process_count()
         window["tokens"] += int(np.sum(batch["lengths"])) * jax.process_count()
         window["steps"] += 1
         if step % t.log_every_steps == 0 or step == run.total_steps:
-            _log_train(writer, step, metrics, window, t.skip_nonfinite)
+            _log_train(writer, step, metrics, window, t.skip_nonfinite,
+                       extra=run.feeder.train_scalars(),
+                       progress=(run.total_steps, run.steps_per_epoch))
         epoch_end = step % run.steps_per_epoch == 0
         epoch = step // run.steps_per_epoch
         evaluate = epoch_end and (epoch % t.eval_every_epochs == 0 or step == run.total_steps)
@@ -381,8 +490,12 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
 
 
 def _log_train(writer: writers.MetricWriter, step: int, metrics: dict, window: dict,
-               skip_nonfinite: bool) -> None:
+               skip_nonfinite: bool, extra: dict[str, float] | None = None,
+               progress: tuple[int, int] = (0, 1)) -> None:
+    """Train scalars to TensorBoard / metrics.jsonl and one log line with step/total, epoch
+    and an ETA from the window's step time (`progress` = (total steps, steps per epoch))."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values.update(extra or {})
     if not skip_nonfinite and values["nonfinite"]:
         raise FloatingPointError(
             f"non-finite loss/gradients at step {step} (loss {values['loss']}); set "
@@ -392,9 +505,14 @@ def _log_train(writer: writers.MetricWriter, step: int, metrics: dict, window: d
                   documents_per_s=window["docs"] / elapsed, tokens_per_s=window["tokens"] / elapsed,
                   **writers.device_memory())
     writer.scalars(step, values, prefix="train")
-    logging.info("step %d: loss %.5f lr %.3g grad_norm %.3f skipped %d (%.1f docs/s)", step,
-                 values["loss"], values["lr"], values["grad_norm"], values["skipped"],
-                 values["documents_per_s"])
+    total, per_epoch = progress
+    eta = max(total - step, 0) * values["step_time_s"]
+    logging.info("step %d/%d (epoch %.2f): loss %.5f lr %.3g grad_norm %.3f skipped %d "
+                 "(%.1f docs/s, ETA %s without evaluations)", step, total,
+                 step / max(per_epoch, 1), values["loss"], values["lr"], values["grad_norm"],
+                 values["skipped"], values["documents_per_s"],
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400
+                 else f"{eta / 3600:.0f} h")
     window.update(docs=0, tokens=0, steps=0, time=time.perf_counter())
 
 

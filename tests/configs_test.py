@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from configs import common, encoders, plmca, plmicd
+from configs import common, encoders, plmca, plmicd, plmrr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +18,30 @@ def test_every_variant_builds(module, arg):
     assert c.model.head == ("cross_attention" if module is plmca else "laat")
     assert c.train.global_batch_size % c.train.micro_batch_size == 0
     assert c.train.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("arg", ["", "icd9", "demo", "tiny", "demo,fsdp", "modernbert_base",
+                                 "icd9,fsdp_tp"])
+def test_plmrr_variants_build_with_a_plmca_retriever_on_the_same_data(arg):
+    c = plmrr.get_config(arg)
+    assert c.model.type == "plmrr" and c.retriever.model.type == "plmicd"
+    assert c.retriever.model.head == "cross_attention"
+    assert (c.retriever.data.dir, c.retriever.data.max_length) == (c.data.dir, c.data.max_length)
+    assert c.rerank.k <= c.rerank.k_max
+    assert c.train.global_batch_size % c.train.micro_batch_size == 0
+    assert c.mesh.rules == c.retriever.mesh.rules
+
+
+def test_plmrr_recipe_is_the_spec_s():
+    c = plmrr.get_config("")
+    assert (c.rerank.k, c.rerank.description_length) == (300, 64)
+    assert (c.train.micro_batch_size, c.train.global_batch_size) == (2, 16)
+    assert (c.train.num_epochs, c.train.patience, c.train.learning_rate) == (20, 6, 5e-5)
+    assert c.train.dtype == "bfloat16" and c.rerank.encoder_init == "pretrained"
+    assert c.rerank.loss_normalisation == "full" and c.rerank.score_fill == "cascade"
+    assert plmrr.get_config("icd9").data.dir.endswith("icd9")
+    demo = plmrr.get_config("demo")
+    assert demo.rerank.k < 100  # well below the demo label space
 
 
 def test_recipes_differ_as_the_spec_says():

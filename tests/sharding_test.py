@@ -117,3 +117,78 @@ def test_mesh_222_matches_single_device_and_fsdp_shards_memory():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "OK" in out.stdout
+
+
+_RERANK_SCRIPT = textwrap.dedent('''
+    import jax, numpy as np, jax.numpy as jnp, optax
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+    from configs import common
+    from medcode_jax import sharding as shd, steps
+    from medcode_jax.models import encoders, reranker
+    assert jax.device_count() == 8, jax.devices()
+    C, T, K, L = 16, 32, 4, 8
+    enc_cfg = encoders.EncoderConfig.from_hf_config(dict(
+        model_type="bert", vocab_size=300, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+    rng = np.random.default_rng(0)
+    desc_ids = rng.integers(5, 300, (C, L)).astype(np.int32)
+    desc_mask = np.ones((C, L), np.int32); desc_mask[:, 5:] = 0; desc_ids[desc_mask == 0] = 0
+
+    def make_model():
+        rngs = nnx.Rngs(params=0, dropout=1)
+        enc = encoders.build_encoder(enc_cfg, rngs=rngs)
+        return reranker.create_plmrr(enc, description_ids=desc_ids, description_mask=desc_mask,
+                                     chunk_size=16, pad_token_id=0, rngs=rngs)
+
+    def init():
+        _, params, frozen, rest = nnx.split(make_model(), nnx.Param, nnx.Param, ...)
+        return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                                opt_state=(), skipped=jnp.zeros((), jnp.int32)), rest
+
+    with nnx.use_eager_sharding(False):
+        graphdef = nnx.split(nnx.eval_shape(make_model), nnx.Param, nnx.Param, ...)[0]
+    ids = rng.integers(5, 300, (8, T)).astype(np.int32)
+    mask = np.ones((8, T), np.int32); mask[:, 27:] = 0; ids[mask == 0] = 0
+    cands = np.stack([rng.permutation(C)[:K] for _ in range(8)]).astype(np.int32)
+    host = {"input_ids": ids, "attention_mask": mask,
+            "labels": (rng.random((8, C)) < 0.3).astype(np.float32), "valid": np.ones(8, bool),
+            "candidates": cands, "candidate_scores": rng.normal(size=(8, K)).astype(np.float32)}
+    io = steps.RerankIO(num_unique=16)
+
+    def loss_and_grads(mesh, rules):
+        (state, rest), (ssh, rsh), _ = shd.create_sharded(init, mesh, rules)
+        step = steps.jit_train_step(steps.make_train_step(
+            graphdef, optax.identity(), lambda s: 1.0, accum_steps=2, seed=0,
+            skip_nonfinite=False, deterministic=True, mesh=mesh, io=io), ssh, rsh, mesh)
+        batch = jax.device_put(host, shd.batch_sharding(mesh))
+        before = jax.tree.map(np.asarray, state.params)
+        new, metrics = step(state, rest, batch)
+        grads = jax.tree.map(lambda a, b: a - np.asarray(b), before, new.params)
+        return float(metrics["loss"]), jax.tree.leaves(grads), rest
+
+    single = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    loss1, g1, _ = loss_and_grads(single, common.DATA_PARALLEL_RULES)
+    loss8, g8, rest8 = loss_and_grads(shd.make_mesh((2, 2, 2)), common.FSDP_TENSOR_RULES)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    for a, b in zip(g1, g8):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    tables = [v for k, v in jax.tree_util.tree_flatten_with_path(rest8)[0]
+              if "description_ids" in jax.tree_util.keystr(k)]
+    assert tables and tables[0].sharding.spec == P("tensor"), [t.sharding for t in tables]
+    print("OK", loss1, loss8)
+''')
+
+
+def test_plmrr_step_on_mesh_222_matches_single_device():
+    """The re-ranker train step (unique descriptions, accumulation 2) on a (2, 2, 2) mesh with
+    the label table sharded over `tensor` equals one device."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", _RERANK_SCRIPT], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "OK" in out.stdout
