@@ -7,6 +7,9 @@ Memory: tables are read column-wise with pyarrow (only the needed columns, expli
 notes are streamed and only those of admissions with codes of the requested ICD version are
 kept; duplicate texts are found by hashing; tokens are produced and written batch by batch.
 Note text is never logged.
+
+`--compat emc|sigir2023` reproduces a reference implementation's dataset exactly, quirks included
+(see `COMPAT_MODES` and the README); off by default, the cleaner recipe above is used.
 """
 from __future__ import annotations
 
@@ -36,6 +39,22 @@ from data_prep import codes as codes_lib
 log = logging.getLogger("data_prep.mimiciv")
 
 RECIPES = ("emnlp2024", "sigir2023")
+# --compat: reproduce a reference's dataset exactly, and the recipe each one belongs to.
+#   emc:       explainable-medical-coding (EMNLP 2024 / Gray 2025), data/prepare_mimiciv.py +
+#              data/make_mimiciv_icd{9,10}.py + utils/data_helper_functions.remove_rare_codes
+#   sigir2023: medical-coding-reproducibility (Edin et al., SIGIR 2023),
+#              prepare_data/prepare_mimiciv.py
+COMPAT_MODES = {"emc": "emnlp2024", "sigir2023": "sigir2023"}
+# SIGIR compat: its documents get distinct `_id`s (data.md's pipeline keys documents by _id): the
+# k-th distinct note of an admission (k = 0, 1, ... in file order) gets _id = hadm_id + k * this.
+# MIMIC-IV hadm_ids have 8 digits; ids stay below 2**31 (int32 doc_ids on device) for k <= 20.
+DOC_ID_NOTE_STRIDE = 100_000_000
+# The values pandas.read_csv reads as NaN by default (the SIGIR reference reads the notes with
+# pandas, quoted or not); polars.read_csv (the EMC reference) reads only an unquoted empty
+# field as null, so a quoted "" is the empty string, i.e. a document.
+PANDAS_NA_VALUES = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                    "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                    "nan", "null")
 SPLITS = ("train", "val", "test")
 SIGIR_MAX_WORDS = 4000
 DESCRIPTION_LENGTH = 64
@@ -137,7 +156,7 @@ def _read_header(path: str) -> list[str]:
     return next(csv.reader([line]), [])
 
 
-def _csv_options(path: str, columns: dict[str, pa.DataType]
+def _csv_options(path: str, columns: dict[str, pa.DataType], **convert: Any
                  ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
     header = _read_header(path)
     missing = [c for c in columns if c not in header]
@@ -147,7 +166,7 @@ def _csv_options(path: str, columns: dict[str, pa.DataType]
     return (pacsv.ReadOptions(block_size=16 << 20),
             pacsv.ParseOptions(newlines_in_values=True),
             pacsv.ConvertOptions(column_types=columns, include_columns=list(columns),
-                                 strings_can_be_null=True))
+                                 strings_can_be_null=True, **convert))
 
 
 def read_table(path: str, columns: dict[str, pa.DataType]) -> pa.Table:
@@ -171,7 +190,7 @@ def load_codes(path: str, kind: codes_lib.Kind, dropped: Counter, *,
     """
     table = read_table(path, CODE_COLUMNS)
     valid = pc.and_(pc.is_valid(table["icd_code"]), pc.is_valid(table["hadm_id"]))
-    dropped[f"{kind}_null_code_or_hadm_id"] += table.num_rows - pc.sum(valid).as_py()
+    dropped[f"{kind}_null_code_or_hadm_id"] += table.num_rows - (pc.sum(valid).as_py() or 0)
     table = table.filter(valid)
     versions = set(pc.unique(table["icd_version"]).to_pylist())
     bad_versions = versions - {9, 10}
@@ -220,17 +239,35 @@ def _text_digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def load_notes(path: str, keep_ids: np.ndarray,
-               dropped: Counter) -> tuple[pa.Table, pd.DataFrame]:
+# How the text column's nulls are read, per --compat mode (see PANDAS_NA_VALUES).
+_NOTE_NULLS: dict[str | None, dict[str, Any]] = {
+    # pyarrow's null strings, unquoted only: a quoted "" is an (empty) text, not a null
+    None: dict(quoted_strings_can_be_null=False),
+    "emc": dict(null_values=[""], quoted_strings_can_be_null=False),
+    "sigir2023": dict(null_values=list(PANDAS_NA_VALUES), quoted_strings_can_be_null=True),
+}
+
+
+def load_notes(path: str, keep_ids: np.ndarray, dropped: Counter, *,
+               compat: str | None = None,
+               changes: Counter | None = None) -> tuple[pa.Table, pd.DataFrame]:
     """Recipe step 2 (+ the note side of the join), streamed.
 
     Keeps notes with non-empty text whose hadm_id is in `keep_ids`, de-duplicates
     (hadm_id, text) by a hash of the text and keeps one note per admission (the first in file
     order). Returns the kept notes' table (columns hadm_id, subject_id, text; may hold rows that
-    are not selected) and a frame (hadm_id, subject_id, row) of the selected rows, sorted by
-    hadm_id, where `row` indexes the table.
+    are not selected) and a frame (hadm_id, subject_id, row, note_index) of the selected rows,
+    sorted by hadm_id, where `row` indexes the table and `note_index` numbers the distinct notes
+    of an admission in file order.
+
+    `compat` (emc, sigir2023): every non-null text is a note, blank ones included, nulls read as
+    the reference's CSV reader reads them (`_NOTE_NULLS`); all distinct notes of an admission
+    are returned (the caller decides what they count for). `changes` counts what that changes.
     """
-    options = _csv_options(path, NOTE_COLUMNS)
+    if compat not in _NOTE_NULLS:
+        raise ValueError(f"unknown compat mode {compat!r}; expected one of {list(COMPAT_MODES)}")
+    changes = Counter() if changes is None else changes
+    options = _csv_options(path, NOTE_COLUMNS, **_NOTE_NULLS[compat])
     value_set = pa.array(np.unique(keep_ids), pa.int64())
     batches: list[pa.RecordBatch] = []
     digests: list[bytes] = []
@@ -242,7 +279,8 @@ def load_notes(path: str, keep_ids: np.ndarray,
                   disable=None) as bar:
             for batch in reader:
                 bar.update(raw.tell() - bar.n)
-                batch = _filter_note_batch(batch, value_set, dropped)
+                batch = _filter_note_batch(batch, value_set, dropped,
+                                           blank_is_text=compat is not None)
                 digests.extend(_text_digest(t) for t in batch["text"].to_pylist())
                 batches.append(batch)
     except pa.ArrowInvalid as e:
@@ -257,18 +295,27 @@ def load_notes(path: str, keep_ids: np.ndarray,
     before = len(frame)
     frame = frame.drop_duplicates(subset=["hadm_id", "digest"])
     dropped["duplicate_note"] += before - len(frame)
-    before = len(frame)
-    frame = frame.drop_duplicates(subset=["hadm_id"])
-    dropped["extra_note_per_admission"] += before - len(frame)
-    frame = frame.drop(columns="digest").sort_values("hadm_id", ignore_index=True)
+    frame = frame.assign(note_index=frame.groupby("hadm_id").cumcount().to_numpy())
+    if compat is None:
+        before = len(frame)
+        frame = frame[frame["note_index"] == 0]
+        dropped["extra_note_per_admission"] += before - len(frame)
+    else:
+        blank = ~pc.fill_null(pc.match_substring_regex(table["text"], r"\S"), False).to_numpy(
+            zero_copy_only=False)
+        changes["blank_text_notes_kept"] += int(blank[frame["row"].to_numpy()].sum())
+    frame = frame.drop(columns="digest").sort_values(["hadm_id", "note_index"],
+                                                     ignore_index=True)
     return table, frame
 
 
-def _filter_note_batch(batch: pa.RecordBatch, value_set: pa.Array,
-                       dropped: Counter) -> pa.RecordBatch:
-    """Keep rows with non-blank text whose hadm_id is in `value_set`; count the others."""
+def _filter_note_batch(batch: pa.RecordBatch, value_set: pa.Array, dropped: Counter, *,
+                       blank_is_text: bool = False) -> pa.RecordBatch:
+    """Keep rows with non-blank (`blank_is_text`: non-null) text whose hadm_id is in
+    `value_set`; count the others."""
     hadm, text = batch["hadm_id"], batch["text"]
-    has_text = pc.fill_null(pc.match_substring_regex(text, r"\S"), False)
+    has_text = (pc.is_valid(text) if blank_is_text
+                else pc.fill_null(pc.match_substring_regex(text, r"\S"), False))
     has_hadm = pc.is_valid(hadm)
     in_set = pc.fill_null(pc.is_in(hadm, value_set=value_set), False)
 
@@ -355,25 +402,91 @@ def apply_split(admissions: pd.DataFrame, split: pd.DataFrame, dropped: Counter,
 
 
 def filter_rare(codes: pd.DataFrame, admission_ids: np.ndarray, min_count: int,
-                dropped: Counter, kind: str) -> pd.DataFrame:
+                dropped: Counter, kind: str, *, counts: pd.Series | None = None
+                ) -> pd.DataFrame:
     """Recipe step 5 for one column: restrict to the admissions, keep codes in >= min_count
-    admissions counted over all splits together."""
+    admissions counted over all splits together.
+
+    `counts` (compat modes): the reference's count of each code (code -> count) instead of the
+    number of admissions; codes missing from it count 0.
+    """
     codes = codes[codes["hadm_id"].isin(admission_ids)]
-    counts = codes["code"].value_counts()
-    keep = codes["code"].map(counts).to_numpy() >= min_count
-    dropped[f"{kind}_rare_codes"] += int((counts < min_count).sum())
+    if counts is None:
+        counts = codes["code"].value_counts()
+    per_row = codes["code"].map(counts).fillna(0).to_numpy()
+    keep = per_row >= min_count
+    present = pd.unique(codes["code"])
+    dropped[f"{kind}_rare_codes"] += int((counts.reindex(present).fillna(0) < min_count).sum())
     dropped[f"{kind}_rare_code_assignments"] += int((~keep).sum())
     return codes[keep].reset_index(drop=True)
 
 
-def label_space(diagnoses: pd.DataFrame,
-                procedures: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Recipe step 7: sorted union of codes, and each label's code system."""
+def weighted_code_counts(codes: pd.DataFrame, weight: np.ndarray) -> pd.Series:
+    """code -> sum of `weight` over the rows of `codes` (one weight per row)."""
+    return pd.Series(np.asarray(weight, np.int64), index=codes["code"].to_numpy()
+                     ).groupby(level=0).sum()
+
+
+def emc_row_weights(diagnoses: pd.DataFrame, procedures: pd.DataFrame,
+                    notes_per_admission: pd.Series, icd_version: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """How many rows of the EMC reference's frame each code row is in (--compat emc).
+
+    The reference groups codes per (admission, ICD version), outer-joins diagnoses with
+    procedures on the admission (one row per pair of versions; a missing side is one null
+    row), inner-joins the distinct notes and the split, and keeps the rows whose diagnosis
+    *or* procedure version is the dataset's; codes are then counted per row. A diagnosis code
+    of admission a and version d is therefore in n_a * |P_a| rows if d is the dataset's version
+    (|P_a| = number of procedure versions, at least 1), else in n_a rows if a has procedure
+    codes of the dataset's version (the other-version codes pass the filter), else in none;
+    procedures symmetrically. `diagnoses`/`procedures` hold all ICD versions; admissions not in
+    `notes_per_admission` (hadm_id -> number of distinct notes) weigh 0.
+    """
+    diag_system, proc_system = codes_lib.systems_for_version(icd_version)
+    ids = notes_per_admission.index
+
+    def per_admission(codes: pd.DataFrame, system: str) -> tuple[pd.Series, pd.Series]:
+        codes = codes[codes["hadm_id"].isin(ids)]
+        versions = codes.groupby("hadm_id")["system"].nunique().reindex(ids, fill_value=0)
+        has = pd.Series(ids.isin(codes.loc[codes["system"] == system, "hadm_id"]), index=ids)
+        return versions.clip(lower=1), has.astype(np.int64)
+
+    diag_rows, has_diag = per_admission(diagnoses, diag_system)
+    proc_rows, has_proc = per_admission(procedures, proc_system)
+
+    def weight(codes: pd.DataFrame, system: str, same: pd.Series, other: pd.Series) -> np.ndarray:
+        hadm = codes["hadm_id"].to_numpy()
+        n = notes_per_admission.reindex(hadm, fill_value=0).to_numpy(np.int64)
+        mine = codes["system"].to_numpy() == system
+        return n * np.where(mine, same.reindex(hadm, fill_value=0).to_numpy(np.int64),
+                            other.reindex(hadm, fill_value=0).to_numpy(np.int64))
+
+    return (weight(diagnoses, diag_system, proc_rows, has_proc),
+            weight(procedures, proc_system, diag_rows, has_diag))
+
+
+def label_space(diagnoses: pd.DataFrame, procedures: pd.DataFrame, *,
+                merge_systems: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Recipe step 7: sorted union of codes, and each label's code system.
+
+    A code string in two code systems is an error, unless `merge_systems` is given (compat
+    modes: the references' label spaces are plain strings): then it is one label, whose system
+    is the first of `merge_systems` it belongs to (else its first in sorted order).
+    """
     pairs = pd.concat([diagnoses[["code", "system"]], procedures[["code", "system"]]])
-    pairs = pairs.drop_duplicates().sort_values("code")
-    if pairs["code"].duplicated().any():
-        raise PrepError(f"code(s) {pairs.loc[pairs['code'].duplicated(), 'code'].tolist()[:5]} "
-                        "belong to two code systems after formatting")
+    pairs = pairs.drop_duplicates()
+    rank = {system: i for i, system in enumerate(merge_systems)}
+    pairs = pairs.assign(rank=pairs["system"].map(rank).fillna(len(rank)))
+    pairs = pairs.sort_values(["code", "rank", "system"])
+    clash = pairs["code"].duplicated()
+    if clash.any():
+        if not merge_systems:
+            raise PrepError(f"code(s) {pairs.loc[clash, 'code'].tolist()[:5]} belong to two "
+                            "code systems after formatting")
+        log.warning("%d code(s) belong to two code systems after formatting (e.g. %s); each is "
+                    "one label, as in the reference", int(clash.sum()),
+                    pairs.loc[clash, "code"].iloc[0])
+        pairs = pairs[~clash]
     return pairs["code"].tolist(), pairs["system"].tolist()
 
 
@@ -483,14 +596,19 @@ class TextColumn:
 
 def iter_examples(texts: TextColumn, rows: np.ndarray, ids: np.ndarray,
                   targets: dict[int, np.ndarray], tokenizer, *, recipe: str, max_length: int,
-                  batch_size: int, desc: str) -> Iterator[dict[str, Any]]:
-    """Examples of one split (in `rows` order), tokenised batch by batch."""
+                  batch_size: int, desc: str,
+                  doc_ids: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+    """Examples of one split (in `rows` order), tokenised batch by batch. `ids` are the
+    hadm_ids (keys of `targets`), `doc_ids` the examples' `_id`s (default: `ids`)."""
+    doc_ids = ids if doc_ids is None else doc_ids
     with tqdm(total=len(rows), desc=desc, unit="doc", disable=None) as bar:
         for start in range(0, len(rows), batch_size):
             batch = texts.take(rows[start:start + batch_size])
             token_ids = tokenize(tokenizer, [prepare_text(t, recipe) for t in batch], max_length)
-            for hadm_id, input_ids in zip(ids[start:start + batch_size].tolist(), token_ids):
-                yield {"_id": np.int64(hadm_id), "input_ids": input_ids,
+            part = slice(start, start + batch_size)
+            for hadm_id, doc_id, input_ids in zip(ids[part].tolist(), doc_ids[part].tolist(),
+                                                  token_ids):
+                yield {"_id": np.int64(doc_id), "input_ids": input_ids,
                        "length": np.int32(len(input_ids)), "label_ids": targets[hadm_id]}
             bar.update(len(batch))
 
@@ -507,7 +625,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", required=True,
                    help="local HF fast tokenizer folder, or demo:minilm")
     p.add_argument("--icd-version", type=int, choices=(9, 10), default=10)
-    p.add_argument("--recipe", choices=RECIPES, default="emnlp2024")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="emnlp2024 (default) or sigir2023 (text cleaning, 4,000 words, I10.)")
+    p.add_argument("--compat", choices=sorted(COMPAT_MODES), default=None,
+                   help="reproduce a reference's dataset exactly, quirks included (emc: "
+                        "explainable-medical-coding, implies --recipe emnlp2024; sigir2023: "
+                        "medical-coding-reproducibility, implies --recipe sigir2023); see the "
+                        "README. Default: off")
     p.add_argument("--max-length", type=int, default=6000, help="max tokens per document")
     p.add_argument("--min-code-count", type=int, default=10,
                    help="keep codes occurring in at least this many admissions (all splits)")
@@ -520,6 +644,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="dataset name (default: the --out folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
+    if args.compat and args.recipe not in (None, COMPAT_MODES[args.compat]):
+        p.error(f"--compat {args.compat} reproduces the {COMPAT_MODES[args.compat]} recipe; "
+                f"drop --recipe {args.recipe} or use --recipe {COMPAT_MODES[args.compat]}")
+    if args.recipe is None:
+        args.recipe = COMPAT_MODES[args.compat] if args.compat else "emnlp2024"
     if args.max_length < 2:
         p.error("--max-length must be at least 2 (room for the special tokens)")
     if args.min_code_count < 1:
@@ -527,35 +656,83 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _code_counts(admissions: pd.DataFrame, tables: Sequence[pd.DataFrame]) -> dict[str, int]:
-    both = pd.concat([t[t["hadm_id"].isin(admissions["hadm_id"])] for t in tables])
-    return {str(k): int(v) for k, v in both["system"].value_counts().sort_index().items()}
+def _code_counts(documents: pd.DataFrame, targets: dict[int, np.ndarray],
+                 systems: Sequence[str]) -> dict[str, int]:
+    """Code assignments per code system over `documents` (one count per document and label)."""
+    labels = [targets[h] for h in documents["hadm_id"].tolist()]
+    per_label = np.bincount(np.concatenate(labels or [np.zeros(0, np.int32)]).astype(np.int64),
+                            minlength=len(systems))
+    out: Counter = Counter()
+    for system, n in zip(systems, per_label.tolist()):
+        out[system] += n
+    return {k: int(v) for k, v in sorted(out.items()) if v}
 
 
 @dataclasses.dataclass
 class Selection:
     """The outcome of recipe steps 1-7 (everything but tokenisation)."""
     notes: pa.Table                 # hadm_id, subject_id, text (may hold unselected rows)
-    admissions: pd.DataFrame        # hadm_id, subject_id, row (into notes), split; by hadm_id
+    admissions: pd.DataFrame        # the documents: _id, hadm_id, subject_id, row (into notes),
+    #                                 note_index, split; sorted by hadm_id (then note_index)
     diagnoses: pd.DataFrame         # hadm_id, code, system (after the rare-code filter)
     procedures: pd.DataFrame
     labels: list[str]
     systems: list[str]
     targets: dict[int, np.ndarray]  # hadm_id -> sorted int32 label ids
     split_source: str
+    compat_changes: Counter = dataclasses.field(default_factory=Counter)
+
+
+def document_ids(documents: pd.DataFrame, compat: str | None) -> np.ndarray:
+    """The `_id` of each document: its hadm_id, except under --compat sigir2023, where an
+    admission with k+1 distinct notes is k+1 documents: note k (file order) gets
+    hadm_id + k * DOC_ID_NOTE_STRIDE, so that ids stay unique (prediction output and the PLM-RR
+    candidate cache look documents up by _id) and hadm_id = _id % DOC_ID_NOTE_STRIDE."""
+    hadm = documents["hadm_id"].to_numpy(np.int64)
+    if compat != "sigir2023":
+        return hadm
+    k = documents["note_index"].to_numpy(np.int64)
+    ids = hadm + k * DOC_ID_NOTE_STRIDE
+    if len(hadm) and (hadm.min() < 0 or hadm.max() >= DOC_ID_NOTE_STRIDE
+                      or ids.max() >= 2 ** 31):
+        raise PrepError(
+            f"--compat sigir2023 numbers the extra notes of an admission as hadm_id + k * "
+            f"{DOC_ID_NOTE_STRIDE}, which needs 0 <= hadm_id < {DOC_ID_NOTE_STRIDE} and at most "
+            f"{(2 ** 31 - DOC_ID_NOTE_STRIDE) // DOC_ID_NOTE_STRIDE + 1} distinct notes per "
+            f"admission; found hadm_id in [{hadm.min()}, {hadm.max()}] and up to {k.max() + 1} "
+            "notes per admission")
+    return ids
 
 
 def select(args: argparse.Namespace, files: MimicFiles, dropped: Counter) -> Selection:
-    """Recipe steps 1-7: codes, notes, joins, split, rare-code filter, targets, label space."""
+    """Recipe steps 1-7: codes, notes, joins, split, rare-code filter, targets, label space.
+
+    `args.compat` switches steps 2-6 to a reference's exact behaviour (see COMPAT_MODES):
+      emc:       all distinct non-null notes (quoted "" included) of an admission are rows of
+                 the reference's frame; codes are counted per row (`emc_row_weights`), over the
+                 split-joined admissions; codes of the other ICD version of a mixed-version
+                 admission enter with their rows; then one document per admission (its first
+                 note in file order; the reference keeps an unspecified one).
+      sigir2023: codes are counted once per distinct note over all admissions with a note and
+                 codes of the version, before the split join; every distinct note is a document
+                 (`document_ids`).
+    """
+    compat = getattr(args, "compat", None)
+    changes: Counter = Counter()
     trailing_dot = args.recipe == "sigir2023"
     split_table = read_split_file(args.split_file) if args.split_file else None
     diag_system, proc_system = codes_lib.systems_for_version(args.icd_version)
-    diagnoses = select_version(load_codes(files.diagnoses, "diagnosis", dropped,
-                                          trailing_dot=trailing_dot), diag_system)
-    procedures = select_version(load_codes(files.procedures, "procedure", dropped,
-                                           trailing_dot=trailing_dot), proc_system)
+    all_diagnoses = load_codes(files.diagnoses, "diagnosis", dropped, trailing_dot=trailing_dot)
+    all_procedures = load_codes(files.procedures, "procedure", dropped,
+                                trailing_dot=trailing_dot)
+    diagnoses = select_version(all_diagnoses, diag_system)
+    procedures = select_version(all_procedures, proc_system)
     code_ids = np.union1d(diagnoses["hadm_id"].unique(), procedures["hadm_id"].unique())
-    notes, admissions = load_notes(files.discharge, code_ids, dropped)
+    if compat is None:
+        del all_diagnoses, all_procedures          # only the compat modes look at them again
+    notes, note_rows = load_notes(files.discharge, code_ids, dropped, compat=compat,
+                                  changes=changes)
+    admissions = note_rows.drop_duplicates("hadm_id", ignore_index=True)
     dropped["admission_without_note"] += len(code_ids) - len(admissions)
     log.info("%d admissions have a discharge note and ICD-%d codes", len(admissions),
              args.icd_version)
@@ -569,17 +746,80 @@ def select(args: argparse.Namespace, files: MimicFiles, dropped: Counter) -> Sel
     else:
         split_source = f"file:{os.path.basename(args.split_file)}"
     admissions = apply_split(admissions, split_table, dropped, split_source)
-
     ids = admissions["hadm_id"].to_numpy()
-    diagnoses = filter_rare(diagnoses, ids, args.min_code_count, dropped, "diagnosis")
-    procedures = filter_rare(procedures, ids, args.min_code_count, dropped, "procedure")
-    labels, systems = label_space(diagnoses, procedures)
-    admissions, targets = build_targets(admissions, diagnoses, procedures, labels, dropped)
-    if not len(admissions):
+    split_of = admissions.set_index("hadm_id")["split"]
+    # the documents: one per admission, or (sigir2023) one per distinct note
+    documents = (note_rows[note_rows["hadm_id"].isin(ids)] if compat == "sigir2023"
+                 else admissions.drop(columns="split"))
+    documents = documents.assign(split=split_of.loc[documents["hadm_id"].to_numpy()].to_numpy())
+
+    diag_counts = proc_counts = None
+    if compat == "emc":
+        in_split = note_rows[note_rows["hadm_id"].isin(ids)]
+        n_notes = in_split.groupby("hadm_id").size()
+        changes["admissions_with_several_notes"] += int((n_notes > 1).sum())
+        diag_w, proc_w = emc_row_weights(all_diagnoses, all_procedures, n_notes,
+                                         args.icd_version)
+        diagnoses, procedures = all_diagnoses[diag_w > 0], all_procedures[proc_w > 0]
+        diag_counts = weighted_code_counts(diagnoses, diag_w[diag_w > 0])
+        proc_counts = weighted_code_counts(procedures, proc_w[proc_w > 0])
+    elif compat == "sigir2023":
+        n_notes = note_rows.groupby("hadm_id").size()        # all notes, split or not
+        changes["admissions_with_several_notes"] += int((n_notes.reindex(ids) > 1).sum())
+        changes["admissions_counted_outside_split"] += int((~n_notes.index.isin(ids)).sum())
+        diag_counts, proc_counts = (
+            weighted_code_counts(c, n_notes.reindex(c["hadm_id"].to_numpy(), fill_value=0))
+            for c in (diagnoses, procedures))
+    if compat is not None:                      # what per-admission counting would have kept
+        for kind, codes, counts in (("diagnosis", diagnoses, diag_counts),
+                                    ("procedure", procedures, proc_counts)):
+            by_admission = codes[codes["hadm_id"].isin(ids)].drop_duplicates(
+                ["hadm_id", "code"])["code"].value_counts()
+            kept = counts.reindex(by_admission.index).fillna(0) >= args.min_code_count
+            changes[f"{kind}_codes_kept_only_by_{compat}_counting"] += int(
+                (kept & (by_admission < args.min_code_count)).sum())
+    diagnoses = filter_rare(diagnoses, ids, args.min_code_count, dropped, "diagnosis",
+                            counts=diag_counts)
+    procedures = filter_rare(procedures, ids, args.min_code_count, dropped, "procedure",
+                             counts=proc_counts)
+    labels, systems = label_space(diagnoses, procedures,
+                                  merge_systems=(diag_system, proc_system) if compat else ())
+    if compat is not None:
+        changes["labels_in_two_code_systems"] += (
+            len(pd.concat([diagnoses, procedures])[["code", "system"]].drop_duplicates())
+            - len(labels))
+    documents, targets = build_targets(documents, diagnoses, procedures, labels, dropped)
+    if not len(documents):
         raise PrepError(f"no admission is left after the rare-code filter (--min-code-count "
                         f"{args.min_code_count}); lower it or check the inputs")
-    return Selection(notes, admissions, diagnoses, procedures, labels, systems, targets,
-                     split_source)
+    documents.insert(0, "_id", document_ids(documents, compat))
+    if compat is not None:
+        _count_document_changes(documents, notes, targets, systems, all_diagnoses,
+                                all_procedures, args.icd_version, changes)
+    for reason, n in sorted(changes.items()):
+        log.info("--compat %s: %s = %d", compat, reason, n)
+    return Selection(notes, documents, diagnoses, procedures, labels, systems, targets,
+                     split_source, changes)
+
+
+def _count_document_changes(documents: pd.DataFrame, notes: pa.Table,
+                            targets: dict[int, np.ndarray], systems: list[str],
+                            all_diagnoses: pd.DataFrame, all_procedures: pd.DataFrame,
+                            icd_version: int, changes: Counter) -> None:
+    """Counts, over the final documents, what a compat mode changed (logged per reason)."""
+    changes["extra_documents_of_an_admission"] += int(documents["hadm_id"].duplicated().sum())
+    blank = ~pc.fill_null(pc.match_substring_regex(notes["text"], r"\S"), False).to_numpy(
+        zero_copy_only=False)
+    changes["documents_with_blank_text"] += int(blank[documents["row"].to_numpy()].sum())
+    version_systems = set(codes_lib.systems_for_version(icd_version))
+    other = np.array([s not in version_systems for s in systems], bool)
+    hadm = documents["hadm_id"].to_numpy()
+    changes["other_version_labels"] += int(other.sum())
+    changes["other_version_code_assignments"] += int(sum(other[targets[h]].sum() for h in hadm))
+    both = pd.concat([all_diagnoses, all_procedures])
+    both = both[both["hadm_id"].isin(hadm)]
+    versions = both.assign(v=both["system"].isin(version_systems)).groupby("hadm_id")["v"]
+    changes["mixed_version_admissions"] += int((versions.nunique() > 1).sum())
 
 
 def load_descriptions(files: MimicFiles, labels: list[str], systems: list[str], *,
@@ -620,11 +860,12 @@ def prepare(args: argparse.Namespace) -> None:
     for split in SPLITS:
         part = sel.admissions[sel.admissions["split"] == split]
         counts[split] = {"documents": len(part),
-                         "codes": _code_counts(part, (sel.diagnoses, sel.procedures))}
+                         "codes": _code_counts(part, sel.targets, sel.systems)}
         split_examples[split] = iter_examples(
             texts, part["row"].to_numpy(), part["hadm_id"].to_numpy(), sel.targets,
             tokenizer, recipe=args.recipe, max_length=args.max_length,
-            batch_size=args.batch_size, desc=f"tokenising {split}")
+            batch_size=args.batch_size, desc=f"tokenising {split}",
+            doc_ids=part["_id"].to_numpy())
         log.info("%s: %d documents, code assignments %s", split, len(part),
                  counts[split]["codes"])
     train = sel.admissions.loc[sel.admissions["split"] == "train", "hadm_id"].tolist()
@@ -632,11 +873,18 @@ def prepare(args: argparse.Namespace) -> None:
                                .astype(np.int64), minlength=len(sel.labels))
     log.info("%d labels (%s)", len(sel.labels), dict(Counter(sel.systems)))
     log.info("dropped: %s", dict(sorted(dropped.items())))
+    if args.compat:
+        log.info("--compat %s changed: %s", args.compat, dict(sorted(sel.compat_changes.items())))
 
     metadata = {
         "format_version": 1,
         "name": args.name or os.path.basename(os.path.normpath(args.out)),
-        "recipe": args.recipe, "icd_version": args.icd_version, "max_length": args.max_length,
+        "recipe": args.recipe, "compat": args.compat,
+        "compat_changes": {k: int(v) for k, v in sorted(sel.compat_changes.items())},
+        "document_ids": ("_id = hadm_id + k * %d for the k-th distinct note (k = 0, 1, ...) of "
+                         "an admission" % DOC_ID_NOTE_STRIDE if args.compat == "sigir2023"
+                         else "_id = hadm_id"),
+        "icd_version": args.icd_version, "max_length": args.max_length,
         "num_labels": len(sel.labels), "label_systems": sel.systems,
         "train_label_counts": train_counts.tolist(),
         "tokenizer": shards.tokenizer_identity(tokenizer_dir),

@@ -1,9 +1,11 @@
 """Decision-threshold tuning from streamed per-threshold counts (training.md §2).
 
-A prediction is ``p > t`` (strict).  The candidates are ``linspace(0, 1, 100)`` rounded to
-float32, as the PyTorch reference (``torch.linspace`` is float32) compares float32 probabilities
-with float32 thresholds.  The tuned threshold maximises micro-F1 over **all** codes and all
-documents of the split (no code filtering), first maximum on ties.
+A prediction is ``p > t`` (strict).  The candidates are exactly the float32 values of the PyTorch
+reference's ``torch.linspace(0, 1, 100)`` (computed without torch by `torch_linspace_float32`;
+``np.linspace(0, 1, 100).astype(float32)`` differs by one ulp at index 67), and float32
+probabilities are compared with float32 thresholds as in the reference.  The tuned threshold
+maximises micro-F1 over **all** codes and all documents of the split (no code filtering), first
+maximum on ties.
 
 Counting is streamed: for every (document, code) the number of candidates strictly below its
 probability is a ``searchsorted`` bin; per-code histograms of those bins (``[T + 1, C]`` int64)
@@ -14,7 +16,30 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_THRESHOLDS: np.ndarray = np.linspace(0.0, 1.0, 100).astype(np.float32)
+
+def torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """The float32 values of ``torch.linspace(start, end, steps)`` (default dtype float32).
+
+    Torch computes ``step = (end - start) / (steps - 1)`` in float32, then element ``i`` as
+    ``start + step * i`` for ``i < steps // 2`` and ``end - step * (steps - 1 - i)`` for the
+    rest, each a fused multiply-add (one rounding to float32).  Here the product and the sum are
+    done in float64, where they are exact for grids like ``(0, 1, 100)`` (a float32 step times an
+    index < 2**24, plus a float32 bound), then rounded once; the tests compare with torch
+    bit for bit.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    lo, hi = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([lo], np.float32)
+    step = np.float64((hi - lo) / np.float32(steps - 1))
+    i = np.arange(steps, dtype=np.float64)
+    values = np.where(i < steps // 2, np.float64(lo) + step * i,
+                      np.float64(hi) - step * (steps - 1 - i))
+    return values.astype(np.float32)
+
+
+DEFAULT_THRESHOLDS: np.ndarray = torch_linspace_float32(0.0, 1.0, 100)
 F1_EPSILON = 1e-10
 
 

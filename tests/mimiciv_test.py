@@ -2,7 +2,10 @@
 and the full CLI into shards."""
 from __future__ import annotations
 
+import csv
+import gzip
 import json
+import logging
 import os
 from collections import Counter
 
@@ -22,10 +25,21 @@ TEXT = "chief complaint chest pain history of hypertension discharge diagnosis h
 # ------------------------------------------------------------------------------ fixtures
 
 
-def _write(path: str, rows: list[dict] | pd.DataFrame, columns: list[str]) -> str:
+_NULL = "<<null>>"
+
+
+def _write(path: str, rows: list[dict] | pd.DataFrame, columns: list[str],
+           quote_strings: bool = False) -> str:
+    """A gzip CSV. `quote_strings` (the notes, as in PhysioNet's discharge.csv.gz): string
+    fields are quoted, so "" is a quoted empty text, while None is an unquoted empty field."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     df = pd.DataFrame(rows, columns=columns)
-    df.to_csv(path, index=False, compression="gzip")
+    if not quote_strings:
+        df.to_csv(path, index=False, compression="gzip")
+        return path
+    text = df.fillna(_NULL).to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
+        f.write(text.replace(f'"{_NULL}"', ""))
     return path
 
 
@@ -39,7 +53,7 @@ def write_mimic(root, notes, diagnoses, procedures=(), d_diagnoses=(), d_procedu
                  charttime="2180-01-01 00:00:00", storetime="", text=t)
             for i, (s, h, t) in enumerate(notes)],
            ["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime",
-            "storetime", "text"])
+            "storetime", "text"], quote_strings=True)
     for name, rows in (("diagnoses_icd", diagnoses), ("procedures_icd", procedures)):
         _write(os.path.join(hosp, f"{name}.csv.gz"),
                [dict(subject_id=1, hadm_id=h, seq_num=1, icd_code=c, icd_version=v)
@@ -200,6 +214,44 @@ def test_load_notes_drops_and_dedupes(tmp_path):
     assert texts == ["first note", "multi\nline, \"quoted\" text"]
     assert dropped == Counter(null_text=1, empty_text=1, duplicate_note=1,
                               extra_note_per_admission=1, note_without_codes_of_version=1)
+
+
+NOTE_NULLS = [
+    (1, 10, ""),                    # quoted empty text: polars (EMC) reads "", pandas NaN
+    (1, 11, None),                  # unquoted empty field: null for every reader
+    (1, 12, "  "),                  # blank text
+    (1, 13, "NA"),                  # quoted "NA": pandas (SIGIR) reads NaN
+    (1, 14, "text"),
+]
+
+
+def _notes_path(root) -> str:
+    return os.path.join(root, "mimic-iv-note", "2.2", "note", "discharge.csv.gz")
+
+
+def test_quoted_empty_note_is_empty_text_by_default(tmp_path):
+    root = write_mimic(tmp_path, NOTE_NULLS, [])
+    dropped = Counter()
+    table, adm = mimiciv.load_notes(_notes_path(root), np.arange(10, 15), dropped)
+    assert adm["hadm_id"].tolist() == [13, 14]
+    assert dropped == Counter(null_text=1, empty_text=2)    # "" and "  " are empty, not null
+
+
+@pytest.mark.parametrize("compat, kept, null, blank", [("emc", [10, 12, 13, 14], 1, 2),
+                                                       ("sigir2023", [12, 14], 3, 1)])
+def test_compat_notes_read_nulls_like_the_reference(tmp_path, compat, kept, null, blank):
+    """EMC (polars.read_csv): only an unquoted empty field is null, "" and blank texts are
+    notes; SIGIR (pandas.read_csv): "" and "NA" are NaN, a blank text is a note."""
+    root = write_mimic(tmp_path, NOTE_NULLS + [(1, 14, "other text"), (1, 14, "text")], [])
+    dropped, changes = Counter(), Counter()
+    table, notes = mimiciv.load_notes(_notes_path(root), np.arange(10, 15), dropped,
+                                      compat=compat, changes=changes)
+    assert notes["hadm_id"].tolist() == kept + [14]         # all distinct notes are returned
+    assert notes["note_index"].tolist() == [0] * len(kept) + [1]
+    texts = mimiciv.TextColumn(table["text"]).take(notes["row"].to_numpy())
+    assert texts[-2:] == ["text", "other text"]
+    assert dropped == Counter(null_text=null, duplicate_note=1)
+    assert changes == Counter(blank_text_notes_kept=blank)
 
 
 def test_text_column_takes_across_chunks():
@@ -404,3 +456,180 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path, tok_dir, capsys):
     code, err = _run(capsys, "--mimic-dir", tmp_path, "--out", tmp_path / "o", "--tokenizer",
                      tok_dir)
     assert code == 2 and "--mimic-dir" in err
+
+
+# ------------------------------------------------------------------------------ --compat
+
+
+def emc_corpus(root) -> str:
+    """ICD-10 dataset fixture for the EMC quirks (hadm: what it exercises)."""
+    notes = [(1, 1, "note one, first"), (1, 1, "note one, second"),   # 1: two distinct notes
+             (2, 2, "note two"),
+             (3, 3, "note three"),          # 3: ICD-9 + ICD-10 diagnoses, ICD-10 procedure
+             (4, 4, "note four"),           # 4: ICD-9 diagnosis, ICD-9 + ICD-10 procedures
+             (5, 5, ""),                    # 5: quoted-empty text
+             (7, 7, "note seven")]          # 7: ICD-9 only: not in the ICD-10 dataset
+    diagnoses = [(1, "I10", 10), (2, "I10", 10), (3, "4019", 9), (3, "I5023", 10),
+                 (4, "4019", 9), (5, "4019", 9), (7, "4019", 9)]
+    procedures = [(3, "0DTJ4ZZ", 10), (4, "3893", 9), (4, "0DTJ4ZZ", 10), (5, "0DTJ4ZZ", 10),
+                  (7, "3893", 9)]
+    return write_mimic(root, notes, diagnoses, procedures)
+
+
+def sigir_corpus(root) -> str:
+    notes = [(1, 11, "Note eleven, first"), (1, 11, "note eleven, SECOND 12"),  # 2 documents
+             (2, 12, "note twelve"),
+             (3, 13, "note thirteen"),      # 13: not in the split file, its codes still count
+             (4, 14, "note fourteen"), (5, 15, "note fifteen"),
+             (6, 16, ""),                   # quoted-empty: NaN for pandas -> no note
+             (7, 17, "  \n ")]              # blank: a document (text "" after cleaning)
+    diagnoses = [(11, "I10", 10), (12, "I10", 10), (13, "E119", 10), (14, "E119", 10),
+                 (15, "E119", 10), (16, "I10", 10), (17, "I10", 10), (17, "4019", 9)]
+    return write_mimic(root, notes, diagnoses, [])
+
+
+def _split_file(path, ids) -> str:
+    pd.DataFrame({"_id": ids, "split": ["train"] * len(ids)}).to_csv(path, index=False)
+    return str(path)
+
+
+def _select(root, split, *argv):
+    args = mimiciv.parse_args(["--mimic-dir", str(root), "--out", "unused", "--tokenizer", "x",
+                               "--split-file", split, *map(str, argv)])
+    dropped = Counter()
+    sel = mimiciv.select(args, mimiciv.find_files(str(root)), dropped)
+    targets = {int(i): [sel.labels[k] for k in sel.targets[h]]
+               for i, h in zip(sel.admissions["_id"], sel.admissions["hadm_id"])}
+    return sel, targets, dropped
+
+
+def test_emc_row_weights_follow_the_reference_frame():
+    diag = _codes([(3, "401.9", "icd9cm"), (3, "I50.23", "icd10cm"), (4, "401.9", "icd9cm"),
+                   (6, "I10", "icd10cm")])
+    proc = _codes([(3, "0DTJ4ZZ", "icd10pcs"), (4, "38.93", "icd9pcs"),
+                   (4, "0DTJ4ZZ", "icd10pcs"), (5, "0DTJ4ZZ", "icd10pcs")])
+    notes = pd.Series([2, 1, 1, 3], index=[3, 4, 5, 6])
+    diag_w, proc_w = mimiciv.emc_row_weights(diag, proc, notes, 10)
+    # hadm 3 (2 notes) has rows (9, 10pcs), (10, 10pcs) -> x2 notes; hadm 4: (9, 9pcs) is
+    # filtered out, (9, 10pcs) kept; hadm 6 (3 notes, no procedures): (10, null)
+    assert diag_w.tolist() == [2, 2, 1, 3]
+    assert proc_w.tolist() == [4, 0, 1, 1]
+
+
+def test_compat_emc_counts_rows_keeps_other_version_codes_and_empty_notes(tmp_path):
+    root = emc_corpus(tmp_path / "raw")
+    split = _split_file(tmp_path / "s.csv", [1, 2, 3, 4, 5, 7])
+    sel, targets, dropped = _select(root, split, "--compat", "emc", "--min-code-count", 3)
+    # I10: hadm 1 counts twice (two notes) + hadm 2 = 3; 401.9 (ICD-9, other version): hadm 3,
+    # 4 and 5 (empty note) = 3; 0DTJ4ZZ: hadm 3 twice (two diagnosis versions) + 4 + 5 = 4;
+    # I50.23: 1 (rare); 38.93 is in no kept row.
+    assert sel.labels == ["0DTJ4ZZ", "401.9", "I10"]
+    assert sel.systems == ["icd10pcs", "icd9cm", "icd10cm"]
+    assert targets == {1: ["I10"], 2: ["I10"], 3: ["0DTJ4ZZ", "401.9"],
+                       4: ["0DTJ4ZZ", "401.9"], 5: ["0DTJ4ZZ", "401.9"]}
+    # one document per _id, the first note in file order; the empty note is a document
+    texts = mimiciv.TextColumn(sel.notes["text"]).take(sel.admissions["row"].to_numpy())
+    assert texts == ["note one, first", "note two", "note three", "note four", ""]
+    assert dropped["diagnosis_rare_codes"] == 1 and dropped["empty_text"] == 0
+    assert sel.compat_changes == Counter(
+        blank_text_notes_kept=1, admissions_with_several_notes=1,
+        # codes in fewer than 3 of these admissions, kept by counting rows: I10 (2 admissions)
+        diagnosis_codes_kept_only_by_emc_counting=1, procedure_codes_kept_only_by_emc_counting=0,
+        labels_in_two_code_systems=0, extra_documents_of_an_admission=0,
+        documents_with_blank_text=1, other_version_labels=1,
+        other_version_code_assignments=3, mixed_version_admissions=3)
+
+
+def test_compat_off_on_the_emc_fixture(tmp_path):
+    root = emc_corpus(tmp_path / "raw")
+    split = _split_file(tmp_path / "s.csv", [1, 2, 3, 4, 5, 7])
+    with pytest.raises(PrepError, match="no admission is left"):
+        _select(root, split, "--min-code-count", 3)     # one count per admission: all rare
+    sel, targets, dropped = _select(root, split, "--min-code-count", 2)
+    assert sel.labels == ["0DTJ4ZZ", "I10"]               # only ICD-10 codes
+    assert targets == {1: ["I10"], 2: ["I10"], 3: ["0DTJ4ZZ"], 4: ["0DTJ4ZZ"]}
+    assert dropped["empty_text"] == 1 and dropped["extra_note_per_admission"] == 1
+    assert dropped["admission_without_note"] == 1 and sel.compat_changes == Counter()
+
+
+def test_compat_sigir_counts_all_notes_and_keeps_every_note(tmp_path):
+    root = sigir_corpus(tmp_path / "raw")
+    split = _split_file(tmp_path / "s.csv", [11, 12, 14, 15, 16, 17])
+    sel, targets, dropped = _select(root, split, "--compat", "sigir2023", "--min-code-count", 3)
+    assert sel.labels == ["E11.9", "I10."]                # I10.: SIGIR's trailing dot
+    stride = mimiciv.DOC_ID_NOTE_STRIDE
+    assert targets == {11: ["I10."], 11 + stride: ["I10."], 12: ["I10."], 14: ["E11.9"],
+                       15: ["E11.9"], 17: ["I10."]}
+    assert sel.admissions["hadm_id"].tolist() == [11, 11, 12, 14, 15, 17]
+    assert dropped["null_text"] == 1                      # the quoted-empty note of hadm 16
+    assert sel.compat_changes == Counter(
+        blank_text_notes_kept=1, admissions_with_several_notes=1,
+        admissions_counted_outside_split=1,               # hadm 13
+        diagnosis_codes_kept_only_by_sigir2023_counting=1,    # E11.9 (I10. has 3 admissions)
+        labels_in_two_code_systems=0, extra_documents_of_an_admission=1,
+        documents_with_blank_text=1, other_version_labels=0, other_version_code_assignments=0,
+        mixed_version_admissions=1)                       # hadm 17 (its ICD-9 code is not used)
+    # without --compat: counted once per admission in the split, one note per admission
+    with pytest.raises(PrepError, match="no admission is left"):
+        _select(root, split, "--recipe", "sigir2023", "--min-code-count", 3)
+    sel, targets, dropped = _select(root, split, "--recipe", "sigir2023", "--min-code-count", 2)
+    assert sel.labels == ["E11.9", "I10."] and sorted(targets) == [11, 12, 14, 15]
+    assert dropped["empty_text"] == 2 and dropped["extra_note_per_admission"] == 1
+
+
+def test_sigir_document_ids_are_unique_and_decodable():
+    docs = pd.DataFrame({"hadm_id": [20_000_001, 20_000_001, 20_000_001, 29_999_999],
+                         "note_index": [0, 1, 2, 0]})
+    ids = mimiciv.document_ids(docs, "sigir2023")
+    assert ids.tolist() == [20_000_001, 120_000_001, 220_000_001, 29_999_999]
+    assert (ids % mimiciv.DOC_ID_NOTE_STRIDE).tolist() == docs["hadm_id"].tolist()
+    assert mimiciv.document_ids(docs, "emc").tolist() == docs["hadm_id"].tolist()
+    with pytest.raises(PrepError, match="hadm_id"):
+        mimiciv.document_ids(pd.DataFrame({"hadm_id": [10 ** 9], "note_index": [0]}),
+                             "sigir2023")
+    with pytest.raises(PrepError, match="notes per admission"):
+        mimiciv.document_ids(pd.DataFrame({"hadm_id": [1], "note_index": [22]}), "sigir2023")
+
+
+@pytest.mark.parametrize("compat", ["emc", "sigir2023"])
+def test_cli_compat_records_the_mode(tmp_path, tok_dir, capsys, caplog, compat):
+    from data_prep import shards
+
+    caplog.set_level(logging.INFO, logger="data_prep.mimiciv")
+    root = (emc_corpus if compat == "emc" else sigir_corpus)(tmp_path / "raw")
+    split = _split_file(tmp_path / "s.csv", [1, 2, 3, 4, 5, 7, 11, 12, 14, 15, 16, 17])
+    out = tmp_path / "out"
+    code, err = _run(capsys, "--mimic-dir", root, "--out", out, "--tokenizer", tok_dir,
+                     "--split-file", split, "--min-code-count", 3, "--compat", compat)
+    assert code == 0, err
+    ds = shards.open_dataset(out)
+    meta = ds.metadata
+    assert meta["compat"] == meta["prep_config"]["compat"] == compat
+    assert meta["recipe"] == mimiciv.COMPAT_MODES[compat]
+    assert meta["compat_changes"]["blank_text_notes_kept"] == 1
+    assert f"--compat {compat}: documents_with_blank_text = 1" in caplog.text
+    ids = [int(ex["_id"]) for ex in ds.source("train")]
+    assert len(ids) == len(set(ids)) == meta["counts"]["train"]["documents"]
+    if compat == "sigir2023":
+        assert sorted(ids) == [11, 12, 14, 15, 17, 11 + mimiciv.DOC_ID_NOTE_STRIDE]
+        assert "k * 100000000" in meta["document_ids"]
+        assert meta["counts"]["train"]["codes"] == {"icd10cm": 6}
+    else:
+        assert sorted(ids) == [1, 2, 3, 4, 5] and meta["document_ids"] == "_id = hadm_id"
+        assert meta["counts"]["train"]["codes"] == {"icd10cm": 2, "icd10pcs": 3, "icd9cm": 3}
+        assert meta["label_systems"] == ["icd10pcs", "icd9cm", "icd10cm"]
+        assert min(int(ex["length"]) for ex in ds.source("train")) == 2   # "" -> [CLS] [SEP]
+
+
+def test_cli_compat_default_off_and_recipe_clash(tmp_path, tok_dir, capsys):
+    root = small_corpus(tmp_path / "raw")
+    code, err = _run(capsys, "--mimic-dir", root, "--out", tmp_path / "o", "--tokenizer",
+                     tok_dir, "--min-code-count", 1)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "metadata.json").read_text())
+    assert meta["compat"] is None and meta["compat_changes"] == {}
+    assert meta["prep_config"]["compat"] is None and meta["recipe"] == "emnlp2024"
+    with pytest.raises(SystemExit):
+        mimiciv.parse_args(["--mimic-dir", "m", "--out", "o", "--tokenizer", "t",
+                            "--compat", "emc", "--recipe", "sigir2023"])
+    assert "--compat emc reproduces the emnlp2024 recipe" in capsys.readouterr().err
