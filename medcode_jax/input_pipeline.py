@@ -1,10 +1,12 @@
 """grain input pipeline: prepared shards -> length-bucketed, padded numpy batches -> global arrays.
 
 Training (``make_train_iterator``): for every epoch a deterministic *batch plan* is computed from
-``(seed, epoch, lengths)`` alone: the documents are permuted, the remainder that does not fill a
-global batch is **dropped** (a different remainder each epoch), the permutation is cut into
+``(seed, epoch, lengths)`` alone: the documents are permuted, the permutation is cut into
 windows of ``SORT_WINDOW_BATCHES`` global batches, each window is sorted by length and cut into
-global batches (little padding), and the order of all the epoch's batches is shuffled. Every
+global batches (little padding), and the order of all the epoch's batches is shuffled. An epoch
+is ``ceil(documents / global_batch_size)`` steps, as in the reference: every document is seen
+once per epoch and the one partial batch is completed with filler rows (``valid=False``,
+``doc_ids=-1``), which the loss ignores (it is normalised by the valid rows). Every
 row of a global batch is padded to the smallest bucket (chunk count) holding the batch's longest
 document, so every process sees the same shape; process ``p`` takes rows
 ``[p * local_b, (p + 1) * local_b)``. The plan is a ``grain.MapDataset`` over the global step
@@ -76,8 +78,9 @@ def _check_processes(global_batch_size: int, process_index: int, process_count: 
 
 
 def steps_per_epoch(ds, split: str, global_batch_size: int) -> int:
-    """Training steps in one epoch of ``split``: whole global batches (remainder dropped)."""
-    return int(ds.lengths(split).size) // global_batch_size
+    """Training steps in one epoch of ``split``: ceil(documents / global batch) (the last
+    batch is completed with filler rows)."""
+    return -(-int(ds.lengths(split).size) // global_batch_size)
 
 
 # --------------------------------------------------------------------------- loading + padding
@@ -142,7 +145,7 @@ class _TrainPlan:
         self.shuffle = shuffle
         self.rows = slice(process_index * local_batch_size,
                           (process_index + 1) * local_batch_size)
-        self.steps_per_epoch = lengths.size // global_batch_size
+        self.steps_per_epoch = -(-lengths.size // global_batch_size)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # last two epochs
         self._lock = threading.Lock()  # grain maps in several threads
 
@@ -165,17 +168,21 @@ class _TrainPlan:
 
     def _compute(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         g, steps = self.global_batch_size, self.steps_per_epoch
+        n = self.lengths.size
+        order = np.full(steps * g, -1, np.int64)  # -1: filler rows of the partial batch
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.lengths.size)[: steps * g]
+            docs = rng.permutation(n)
             window = SORT_WINDOW_BATCHES * g
-            for start in range(0, order.size, window):
-                part = order[start:start + window]
-                order[start:start + window] = part[np.argsort(self.lengths[part], kind="stable")]
+            for start in range(0, n, window):
+                part = docs[start:start + window]
+                docs[start:start + window] = part[np.argsort(self.lengths[part], kind="stable")]
+            order[:n] = docs
             batches = order.reshape(steps, g)[rng.permutation(steps)]
         else:
-            batches = np.arange(steps * g).reshape(steps, g)
-        longest = self.lengths[batches].max(axis=1)
+            order[:n] = np.arange(n)
+            batches = order.reshape(steps, g)
+        longest = np.where(batches >= 0, self.lengths[np.maximum(batches, 0)], 0).max(axis=1)
         chunks = np.array([_bucket_for(int(n), self.chunk_size, self.buckets) for n in longest])
         return batches, chunks
 
