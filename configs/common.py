@@ -128,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.dtype = "bfloat16"
     # Seed of parameter init, data order and dropout (dropout keys derive from (seed, step)).
     c.train.seed = 1337
-    # Early stopping: stop after this many evaluations without a better validation mAP.
+    # Early stopping: stop after this many epochs without a better validation mAP (counted in
+    # epochs whatever eval_every_epochs is).
     c.train.patience = 3
     # Evaluate on validation every N epochs.
     c.train.eval_every_epochs = 1

@@ -455,6 +455,8 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
         io, fields = run.feeder.train_inputs(batch, accum=accum)
         inputs = input_pipeline.to_global(fields, run.mesh)
         run.state, metrics = train_step(io)(run.state, run.rest, inputs)
+        if not t.skip_nonfinite:  # stop at the very step (one scalar fetch per step)
+            _raise_if_nonfinite(step + 1, metrics)
         step += 1
         done_this_run += 1
         window["docs"] += int(np.sum(batch["valid"])) * jax.process_count()
@@ -469,10 +471,11 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
         evaluate = epoch_end and (epoch % t.eval_every_epochs == 0 or step == run.total_steps)
         if evaluate:
             improved = _validate(run, evaluator, writer, step, progress)
-            progress["stopped"] = progress["bad_evals"] >= t.patience
+            progress["stopped"] = patience_exhausted(progress["best_step"], epoch,
+                                                     run.steps_per_epoch, t.patience)
             if progress["stopped"]:
-                logging.info("early stopping at epoch %d: no better val mAP in %d evaluations",
-                             epoch, t.patience)
+                logging.info("early stopping at epoch %d: no better val mAP since step %d "
+                             "(patience %d epochs)", epoch, progress["best_step"], t.patience)
             ckpt.save(step, run.state, data_state=train_iter.get_state(),
                       meta=_meta(run, progress), best=improved)
             window["time"] = time.perf_counter()  # don't count evaluation as step time
@@ -496,10 +499,8 @@ def _log_train(writer: writers.MetricWriter, step: int, metrics: dict, window: d
     and an ETA from the window's step time (`progress` = (total steps, steps per epoch))."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     values.update(extra or {})
-    if not skip_nonfinite and values["nonfinite"]:
-        raise FloatingPointError(
-            f"non-finite loss/gradients at step {step} (loss {values['loss']}); set "
-            f"config.train.skip_nonfinite=True to skip such updates, or lower the learning rate")
+    if not skip_nonfinite:
+        _raise_if_nonfinite(step, values)
     elapsed = max(time.perf_counter() - window["time"], 1e-9)
     values.update(step_time_s=elapsed / max(window["steps"], 1),
                   documents_per_s=window["docs"] / elapsed, tokens_per_s=window["tokens"] / elapsed,
@@ -514,6 +515,22 @@ def _log_train(writer: writers.MetricWriter, step: int, metrics: dict, window: d
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400
                  else f"{eta / 3600:.0f} h")
     window.update(docs=0, tokens=0, steps=0, time=time.perf_counter())
+
+
+def patience_exhausted(best_step: int, epoch: int, steps_per_epoch: int, patience: int) -> bool:
+    """Early stopping: `patience` epochs (not evaluations, whatever eval_every_epochs is)
+    have passed since the epoch of the best checkpoint."""
+    best_epoch = -(-max(best_step, 0) // steps_per_epoch)
+    return epoch - best_epoch >= patience
+
+
+def _raise_if_nonfinite(step: int, metrics: dict) -> None:
+    """With skip_nonfinite=False: stop with an error at the step whose update was non-finite."""
+    if int(jax.device_get(metrics["nonfinite"])):
+        raise FloatingPointError(
+            f"non-finite loss/gradients at step {step} (loss "
+            f"{float(jax.device_get(metrics['loss']))}); set config.train.skip_nonfinite=True to "
+            f"skip such updates, or lower the learning rate")
 
 
 def _validate(run: Run, evaluator: Evaluator, writer: writers.MetricWriter, step: int,

@@ -256,3 +256,23 @@ def test_threshold_of_another_checkpoint_is_not_used(tmp_path):
     (tmp_path / train.THRESHOLD_FILE).write_text(json.dumps({"threshold": 0.31, "step": 7}))
     assert train.read_threshold(str(tmp_path), step=7) == pytest.approx(0.31)
     assert train.read_threshold(str(tmp_path), step=9) == 0.5
+
+
+def test_patience_counts_epochs_not_evaluations():
+    from medcode_jax import train
+
+    # best at the end of epoch 2 (step 20, 10 steps per epoch), patience 3 epochs
+    assert not train.patience_exhausted(20, 4, 10, 3)
+    assert train.patience_exhausted(20, 5, 10, 3)
+    # evaluating every 2 epochs: epochs 4 and 6 after a best at 2 -> stop at 6, not after 3 evals
+    assert not train.patience_exhausted(20, 4, 10, 3) and train.patience_exhausted(20, 6, 10, 3)
+    assert not train.patience_exhausted(-1, 2, 10, 3)  # no best yet: counts from the start
+
+
+def test_nonfinite_update_stops_at_its_step_without_waiting_for_a_log_step(assets, tmp_path):
+    from medcode_jax import train
+
+    config = tiny_config(assets, skip_nonfinite=False, learning_rate=1e30,
+                         log_every_steps=1000, clip_norm=0.0, warmup_fraction=0.0)
+    with pytest.raises(FloatingPointError, match=r"at step \d"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
