@@ -339,6 +339,11 @@ def run_plmrr(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     try:
         writer.scalars(0, recall["val"], prefix="retriever_val")
         writer.flush()
+        if _complete(rr_dir) is None:  # until the comparison replaces it at the end
+            train._write_json(os.path.join(workdir, "metrics.json"),
+                              {"scale": "fractions (not x100)", "k": k,
+                               "retriever_recall": recall, "stage1": {
+                                   key: stage1[key] for key in ("best_step", "threshold", "test")}})
         if jax.process_index() == 0:
             print("\nretriever on validation (before stage 2):\n" + metrics_lib.format_metrics_table(
                 {"val": recall["val"]}), flush=True)

@@ -105,6 +105,8 @@ def test_resume_across_every_stage_boundary_lands_on_the_same_result(assets, fin
     assert pipelines.run_plmrr(config, workdir) is None  # stopped inside stage 2
     assert os.path.isfile(os.path.join(workdir, "candidates", "meta.json"))
     assert not os.path.exists(os.path.join(workdir, "reranker", "metrics.json"))
+    early = _read(os.path.join(workdir, "metrics.json"))  # recall is there before stage 2 ends
+    assert "retriever_recall@4" in early["retriever_recall"]["val"] and "stage2" not in early
     config.train.max_steps_per_run = 0
     summary = pipelines.run_plmrr(config, workdir)
     reference = _read(os.path.join(reference_dir, "metrics.json"))
