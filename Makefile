@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 $(DEMO_RAW)/.complete: | $(STAMP)
-	$(PY) -m data_prep.demo_corpus --out $(DEMO_RAW) --num-admissions 3000 --seed 0 --words-median 300
+	$(PY) -m data_prep.demo_corpus --out $(DEMO_RAW) --num-admissions 2000 --seed 0 --words-median 300
 	touch $@
 
 $(DEMO_SHARDS)/metadata.json: $(DEMO_RAW)/.complete

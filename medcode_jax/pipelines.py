@@ -360,8 +360,8 @@ def run_plmrr(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
             if results2 is None:
                 return None
             _record_stage(workdir, "stage2", time.perf_counter() - start)
-        summary = compare(stage1, results2, recall, k, _read_json(
-            os.path.join(workdir, STAGES_FILE)) or {})
+        summary = train.strict_json(compare(stage1, results2, recall, k, _read_json(
+            os.path.join(workdir, STAGES_FILE)) or {}))
         train._write_json(os.path.join(workdir, "metrics.json"), summary)
         for name in ("stage1", "stage2"):
             writer.scalars(int(summary[name]["best_step"]), summary[name]["test"],
@@ -402,6 +402,10 @@ def compare(stage1: dict, stage2: dict, recall: dict, k: int, stages: dict) -> d
             "retriever_recall": recall, "oracle_test": oracle, "stages": stages}
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def format_comparison(summary: dict) -> str:
     s1, s2 = summary["stage1"]["test"], summary["stage2"]["test"]
     table = metrics_lib.format_metrics_table(
@@ -409,11 +413,11 @@ def format_comparison(summary: dict) -> str:
         keys=[key for key in COMPARISON_KEYS if key in s1 or key in s2])
     k = summary["k"]
     rec = summary["retriever_recall"]["test"]
-    recall_line = "  ".join(f"@{key.split('@')[1]} {100 * value:.2f}"
+    recall_line = "  ".join(f"@{key.split('@')[1]} {_pct(value)}"
                             for key, value in rec.items() if key.startswith("retriever_recall@"))
     lines = [f"test set, stage 1 vs stage 2 (x100; counts and thresholds as they are)", table,
              f"retriever recall (per document, x100): {recall_line}",
-             f"oracle ceiling at K = {k}: {100 * summary['oracle_test']['oracle_recall_micro']:.2f}"
+             f"oracle ceiling at K = {k}: {_pct(summary['oracle_test']['oracle_recall_micro'])}"
              f" % of test gold codes are candidates (stage-2 micro recall if the re-ranker were "
              f"perfect)"]
     costs = summary.get("stages") or {}

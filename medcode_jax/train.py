@@ -161,7 +161,7 @@ def build_model(config: ml_collections.ConfigDict, enc_cfg: encoders.EncoderConf
         return reranker.create_plmrr(
             encoder, description_ids=ids, description_mask=mask,
             chunk_size=config.data.chunk_size, pad_token_id=pad_token_id,
-            num_heads=r.num_heads, fuse_retriever=r.fuse_retriever,
+            num_heads=r.num_heads, qk_init=r.qk_init, fuse_retriever=r.fuse_retriever,
             description_grad=r.description_grad, rngs=rngs, dtype=dtype,
             param_dtype=jnp.float32)
     return plm_icd.create_plmicd(

@@ -414,3 +414,20 @@ def test_plmrr_end_to_end_with_tiny_bert():
     np.testing.assert_allclose(logits, manual, atol=1e-5)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads["encoder"])) > 0
+
+
+def test_identity_qk_init_is_an_option_and_normal_is_the_default():
+    from flax import nnx
+    import numpy as np
+    import pytest as _pytest
+
+    from medcode_jax.models import reranker as rr
+
+    default = rr.DescriptionCrossAttention(8, rngs=nnx.Rngs(0))
+    assert abs(float(np.std(np.asarray(default.q_proj.kernel[...]))) - 0.03) < 0.01
+    warm = rr.DescriptionCrossAttention(8, qk_init="identity", rngs=nnx.Rngs(0))
+    for proj in (warm.q_proj, warm.k_proj):
+        np.testing.assert_array_equal(np.asarray(proj.kernel[...]), np.eye(8))
+    assert not np.allclose(np.asarray(warm.v_proj.kernel[...]), np.eye(8))  # v stays N(0, .03)
+    with _pytest.raises(ValueError, match="qk_init"):
+        rr.DescriptionCrossAttention(8, qk_init="zeros", rngs=nnx.Rngs(0))

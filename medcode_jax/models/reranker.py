@@ -80,6 +80,14 @@ class DescriptionTable(nnx.Variable):
     """A [C, L] pre-tokenised description table (ids or mask): data on device, not a parameter."""
 
 
+QK_INITS = ("normal", "identity")
+
+
+def _identity(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    del key
+    return jnp.eye(shape[0], shape[1], dtype=dtype)
+
+
 class DescriptionCrossAttention(nnx.Module):
     """Token-level description→note cross-attention re-ranker head (reference name:
     `_dynamic_token_attention`, class `DynamicTokenLevelCrossAttention`). Module docstring."""
@@ -89,10 +97,17 @@ class DescriptionCrossAttention(nnx.Module):
         hidden_size: int,
         *,
         num_heads: int = 1,
+        qk_init: str = "normal",
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
+        """`qk_init`: "normal" (the reference: N(0, 0.03)) or "identity" (q_proj = k_proj = I,
+        so at initialisation a description token attends to the note tokens whose encodings it
+        resembles — a warm start that skips the uniform-attention plateau; not the reference)."""
+        if qk_init not in QK_INITS:
+            raise ValueError(f"DescriptionCrossAttention: qk_init={qk_init!r}, use one of "
+                             f"{QK_INITS}.")
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(
                 f"DescriptionCrossAttention: num_heads={num_heads} must be >= 1 and divide "
@@ -104,14 +119,15 @@ class DescriptionCrossAttention(nnx.Module):
         self.param_dtype = param_dtype
         d = hidden_size
 
-        def projection() -> nnx.Linear:
+        def projection(init: str = "normal") -> nnx.Linear:
+            kernel_init = _normal() if init == "normal" else _identity
             return nnx.Linear(
                 d, d, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=_normal(), kernel_metadata=_meta("embed", "kv"), rngs=rngs,
+                kernel_init=kernel_init, kernel_metadata=_meta("embed", "kv"), rngs=rngs,
             )
 
-        self.q_proj = projection()
-        self.k_proj = projection()
+        self.q_proj = projection(qk_init)
+        self.k_proj = projection(qk_init)
         self.v_proj = projection()
         self.layernorm = nnx.LayerNorm(
             d, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
@@ -311,6 +327,7 @@ def create_plmrr(
     chunk_size: int,
     pad_token_id: int,
     num_heads: int = 1,
+    qk_init: str = "normal",
     fuse_retriever: bool = False,
     description_grad: bool = True,
     rngs: nnx.Rngs,
@@ -320,7 +337,8 @@ def create_plmrr(
     """PLM-RR re-ranker around `encoder` (width read from the encoder's output)."""
     hidden_size = encoder_hidden_size(encoder, chunk_size)
     head = DescriptionCrossAttention(
-        hidden_size, num_heads=num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        hidden_size, num_heads=num_heads, qk_init=qk_init, rngs=rngs, dtype=dtype,
+        param_dtype=param_dtype)
     return PLMRR(
         encoder, head, description_ids=description_ids, description_mask=description_mask,
         chunk_size=chunk_size, pad_token_id=pad_token_id, fuse_retriever=fuse_retriever,
