@@ -224,7 +224,7 @@ def write_dataset(out_dir: str | os.PathLike, *, split_examples: Mapping[str, It
     try:
         _write_contents(tmp, split_examples, meta, label_space, descriptions,
                         description_ids, description_mask, tokenizer_dir)
-        _publish(tmp, out, overwrite)
+        publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -308,7 +308,7 @@ def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descript
     _write_json(tmp / "metadata.json", meta)  # last: its presence marks a complete directory
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+def publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
     if not out.exists():
         os.replace(tmp, out)

@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import shards
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 ARRAYS = ("doc_ids", "ids", "logits")
@@ -205,23 +207,10 @@ def write_cache(out_dir: str | os.PathLike, *,
         for split, (doc_ids, ids, logits) in checked.items():
             np.savez(tmp / f"{split}.npz", doc_ids=doc_ids, ids=ids, logits=logits)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _publish(tmp, out, overwrite)
+        shards.publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not overwrite:  # appeared while we were writing
-        raise FileExistsError(f"candidate cache {out} appeared while writing; not replacing it")
-    old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading

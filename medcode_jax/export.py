@@ -43,6 +43,7 @@ a reference ``best_model.pt`` read with ``torch.load(weights_only=True)``) into 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -50,7 +51,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -340,14 +341,7 @@ def export_model(
         raise ValueError(f"descriptions has {len(descriptions)} entries for {len(labels)} codes.")
     if flavour not in torch_model.FLAVOURS:
         raise ValueError(f"flavour {flavour!r} is not one of {torch_model.FLAVOURS}.")
-    final = os.path.abspath(out_dir)
-    if os.path.exists(final) and not overwrite:
-        raise FileExistsError(f"{final} already exists; remove it, choose another export "
-                              "directory, or pass overwrite=True.")
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
-    try:
+    with _export_dir(out_dir, overwrite) as (tmp, final):
         pooler = pooler_for_export(encoder_cfg, encoder_path)
         _write_encoder(model, encoder_cfg, os.path.join(tmp, torch_model.ENCODER_DIR), pooler,
                        tokenizer_dir or encoder_path)
@@ -383,10 +377,6 @@ def export_model(
         meta["parity_max_abs_diff"] = check_parity(model, encoder_cfg, tmp, tolerance=tolerance,
                                                    seed=seed)
         _write_json(os.path.join(tmp, torch_model.CONFIG_FILE), meta)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (parity max |Δlogit| = %.2e)", final, meta["parity_max_abs_diff"])
     return final
 
@@ -503,6 +493,26 @@ def _write_json(path: str, obj: Any) -> None:
 def _jsonable(obj: Any) -> Any:
     """A JSON-serialisable copy (unknown leaves become strings)."""
     return json.loads(json.dumps(obj, default=str))
+
+
+@contextlib.contextmanager
+def _export_dir(out_dir: str, overwrite: bool) -> Iterator[tuple[str, str]]:
+    """Yield (temporary folder, final path): the export is written into a temporary sibling of
+    ``out_dir`` that replaces it only when the block (parity check included) succeeds, and is
+    deleted on any failure — nothing half-written is ever left."""
+    final = os.path.abspath(out_dir)
+    if os.path.exists(final) and not overwrite:
+        raise FileExistsError(f"{final} already exists; remove it, choose another export "
+                              "directory, or pass overwrite=True.")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    try:
+        yield tmp, final
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace_dir(tmp: str, final: str) -> None:
@@ -745,14 +755,7 @@ def export_plmrr_model(
     if not isinstance(top_k, (int, np.integer)) or not 1 <= int(top_k) <= num_labels:
         raise ValueError(f"top_k must be an integer in [1, {num_labels}], got {top_k!r}.")
     top_k = int(top_k)
-    final = os.path.abspath(out_dir)
-    if os.path.exists(final) and not overwrite:
-        raise FileExistsError(f"{final} already exists; remove it, choose another export "
-                              "directory, or pass overwrite=True.")
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
-    try:
+    with _export_dir(out_dir, overwrite) as (tmp, final):
         pooler = pooler_for_export(encoder_cfg, encoder_path)
         _write_encoder(reranker, encoder_cfg, os.path.join(tmp, torch_model.ENCODER_DIR), pooler,
                        tokenizer_dir or encoder_path)
@@ -796,10 +799,6 @@ def export_plmrr_model(
         meta.update(check_plmrr_parity(reranker, retriever, encoder_cfg, retriever_encoder_cfg,
                                        tmp, top_k=top_k, tolerance=tolerance, seed=seed))
         _write_json(os.path.join(tmp, torch_model.CONFIG_FILE), meta)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported PLM-RR %s (parity max |Δlogit| = %.2e)", final,
              meta["parity_max_abs_diff"])
     return final

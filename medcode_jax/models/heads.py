@@ -163,6 +163,24 @@ def _layernorm_logits(
     return jnp.einsum("bcd,d->bc", normed, w) + b
 
 
+def layernorm_scorer(hidden_size: int, *, param_dtype: Dtype, rngs: nnx.Rngs
+                     ) -> tuple[nnx.LayerNorm, nnx.Linear]:
+    """The `layernorm` (eps 1e-5, fp32) and the one shared `output_linear` (D -> 1, N(0, 0.03)
+    weight, U(±1/√D) bias) that turn a pooled [.., D] vector into a logit: PLM-CA's head and
+    PLM-RR's re-ranker (reference names), evaluated by `_layernorm_logits`."""
+    d = hidden_size
+    layernorm = nnx.LayerNorm(
+        d, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
+        scale_metadata=_meta("embed"), bias_metadata=_meta("embed"), rngs=rngs,
+    )
+    output_linear = nnx.Linear(
+        d, 1, dtype=jnp.float32, param_dtype=param_dtype,
+        kernel_init=_normal(), bias_init=_uniform_fan_in(d),
+        kernel_metadata=_meta("embed", None), bias_metadata=_meta(None), rngs=rngs,
+    )
+    return layernorm, output_linear
+
+
 def _check_inputs(name: str, hidden: jax.Array, mask: jax.Array, hidden_size: int) -> None:
     if hidden.ndim != 3 or hidden.shape[-1] != hidden_size:
         raise ValueError(
@@ -214,15 +232,7 @@ class LabelCrossAttention(nnx.Module):
         self.label_representations = nnx.Param(
             _normal()(rngs.params(), (num_labels, d), param_dtype), **_meta("labels", "embed")
         )
-        self.layernorm = nnx.LayerNorm(
-            d, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-            scale_metadata=_meta("embed"), bias_metadata=_meta("embed"), rngs=rngs,
-        )
-        self.output_linear = nnx.Linear(
-            d, 1, dtype=jnp.float32, param_dtype=param_dtype,
-            kernel_init=_normal(), bias_init=_uniform_fan_in(d),
-            kernel_metadata=_meta("embed", None), bias_metadata=_meta(None), rngs=rngs,
-        )
+        self.layernorm, self.output_linear = layernorm_scorer(d, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
         self, hidden: jax.Array, mask: jax.Array, *, return_attention: bool = False

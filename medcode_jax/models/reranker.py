@@ -71,7 +71,7 @@ from medcode_jax.models.heads import (
     _meta,
     _normal,
     _softmax,
-    _uniform_fan_in,
+    layernorm_scorer,
 )
 from medcode_jax.models.plm_icd import chunked_encode, encoder_hidden_size
 
@@ -129,15 +129,7 @@ class DescriptionCrossAttention(nnx.Module):
         self.q_proj = projection(qk_init)
         self.k_proj = projection(qk_init)
         self.v_proj = projection()
-        self.layernorm = nnx.LayerNorm(
-            d, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype,
-            scale_metadata=_meta("embed"), bias_metadata=_meta("embed"), rngs=rngs,
-        )
-        self.output_linear = nnx.Linear(
-            d, 1, dtype=jnp.float32, param_dtype=param_dtype,
-            kernel_init=_normal(), bias_init=_uniform_fan_in(d),
-            kernel_metadata=_meta("embed", None), bias_metadata=_meta(None), rngs=rngs,
-        )
+        self.layernorm, self.output_linear = layernorm_scorer(d, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
         self,
