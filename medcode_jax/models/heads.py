@@ -181,6 +181,20 @@ def layernorm_scorer(hidden_size: int, *, param_dtype: Dtype, rngs: nnx.Rngs
     return layernorm, output_linear
 
 
+def score_pooled(pooled: jax.Array, layernorm: nnx.LayerNorm, output_linear: nnx.Linear
+                 ) -> jax.Array:
+    """logits = output_linear(layernorm(pooled)) in fp32 for the modules of `layernorm_scorer`
+    (`_layernorm_logits`, rematerialised)."""
+    return _layernorm_logits(
+        pooled,
+        layernorm.scale[...].astype(jnp.float32),
+        layernorm.bias[...].astype(jnp.float32),
+        output_linear.kernel[...][:, 0].astype(jnp.float32),
+        output_linear.bias[...].astype(jnp.float32),
+        layernorm.epsilon,
+    )
+
+
 def _check_inputs(name: str, hidden: jax.Array, mask: jax.Array, hidden_size: int) -> None:
     if hidden.ndim != 3 or hidden.shape[-1] != hidden_size:
         raise ValueError(
@@ -250,14 +264,7 @@ class LabelCrossAttention(nnx.Module):
         mixed = jnp.einsum(
             "bcl,bld->bcd", attention, values, preferred_element_type=jnp.float32
         )
-        logits = _layernorm_logits(
-            mixed,
-            self.layernorm.scale[...].astype(jnp.float32),
-            self.layernorm.bias[...].astype(jnp.float32),
-            self.output_linear.kernel[...][:, 0].astype(jnp.float32),
-            self.output_linear.bias[...].astype(jnp.float32),
-            self.layernorm.epsilon,
-        )
+        logits = score_pooled(mixed, self.layernorm, self.output_linear)
         if return_attention:
             return logits, attention.astype(jnp.float32)
         return logits

@@ -66,12 +66,12 @@ from flax import nnx
 
 from medcode_jax.models.heads import (
     Dtype,
-    _layernorm_logits,
     _mask_bias,
     _meta,
     _normal,
     _softmax,
     layernorm_scorer,
+    score_pooled,
 )
 from medcode_jax.models.plm_icd import chunked_encode, encoder_hidden_size
 
@@ -173,14 +173,7 @@ class DescriptionCrossAttention(nnx.Module):
         v = values.astype(jnp.float32).reshape(batch, length, h, dh)
         pooled = jnp.einsum("bhkt,bthe->bkhe", pooled_attention, v).reshape(batch, k_slots, d)
 
-        logits = _layernorm_logits(
-            pooled,
-            self.layernorm.scale[...].astype(jnp.float32),
-            self.layernorm.bias[...].astype(jnp.float32),
-            self.output_linear.kernel[...][:, 0].astype(jnp.float32),
-            self.output_linear.bias[...].astype(jnp.float32),
-            self.layernorm.epsilon,
-        )
+        logits = score_pooled(pooled, self.layernorm, self.output_linear)
         if return_attention:
             return logits, jnp.mean(pooled_attention, axis=1)
         return logits
