@@ -98,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.scale = 1.0
     # Mask padded tokens in the label attention (False reproduces the published EMNLP numbers).
     c.model.mask_padding = True
+    # With mask_padding=False: how far the reference pads a batch, which the unmasked head then
+    # attends to: "emc" (explainable-medical-coding: one extra whole chunk when the longest
+    # note is a multiple of chunk_size) or "sigir2023" (medical-coding-reproducibility: up to
+    # the next whole chunk). Unused when padding is masked.
+    c.model.unmasked_padding = "emc"
     # PLM-DCA: initialise the label queries from the encoded code descriptions.
     c.model.dca = False
     # Keep the label queries fixed during training (only meaningful with dca).

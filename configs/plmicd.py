@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, _ = common.parse_arg(arg)
     c = plmca.get_config(arg)  # same fields, commented in configs/common.py
     c.model.head = "laat"
+    c.model.unmasked_padding = "sigir2023"  # with mask_padding=False: the SIGIR collate's padding
     if variant in ("", "icd9"):
         # placeholder: shards prepared with the sigir2023 recipe
         c.data.dir = f"data/mimiciv_{variant or 'icd10'}_sigir"

@@ -65,6 +65,7 @@ from medcode_jax.convert import hf_io
 from medcode_jax.convert.keymaps import TRANSPOSE, KeyTable, Rule
 from medcode_jax.models.encoders import EncoderConfig, build_encoder, get_family
 from medcode_jax.models.heads import LabelAttention, LabelCrossAttention
+from medcode_jax.models import plm_icd
 from medcode_jax.models.plm_icd import PLMICD, create_plmicd
 from medcode_jax.models.reranker import PLMRR, create_plmrr
 
@@ -359,6 +360,7 @@ def export_model(
             "projection_size": int(head.projection_size) if head_type == "laat" else None,
             "scale": float(getattr(head, "scale", 1.0)),
             "mask_padding": bool(head.mask_padding),
+            "unmasked_padding": str(model.unmasked_padding),
             "threshold": float(threshold),
             "epoch": int(epoch),
             "icd_version": icd_version,
@@ -569,7 +571,8 @@ def _fp32_model(model: PLMICD, cfg: EncoderConfig) -> PLMICD:
         build_encoder(cfg, rngs=nnx.Rngs(0)), num_labels=head.num_labels,
         head_type=head_type_of(model), chunk_size=model.chunk_size,
         pad_token_id=model.pad_token_id, scale=getattr(head, "scale", 1.0),
-        mask_padding=head.mask_padding, rngs=nnx.Rngs(0))
+        mask_padding=head.mask_padding, unmasked_padding=model.unmasked_padding,
+        rngs=nnx.Rngs(0))
     params = jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x), np.float32)),
                           nnx.state(model, nnx.Param))
     nnx.update(copy, params)
@@ -587,8 +590,14 @@ def check_parity(model: PLMICD, cfg: EncoderConfig, export_dir: str, *,
     ids, mask = parity_inputs(vocab_size=cfg.vocab_size, pad_token_id=model.pad_token_id,
                               chunk_size=model.chunk_size, seed=seed)
     reference = _fp32_model(model, cfg)
+    # Unmasked `emc` heads attend to one more chunk of padding than a full batch has: give the
+    # JAX model the room for it that the input pipeline reserves (PyTorch pads by itself).
+    extra = plm_icd.reserve_tokens(model.label_wise_attention.mask_padding,
+                                   model.unmasked_padding) * model.chunk_size
+    jax_ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=model.pad_token_id)
+    jax_mask = np.pad(mask, ((0, 0), (0, extra)))
     with jax.default_matmul_precision("highest"):
-        jax_logits = np.asarray(reference(jnp.asarray(ids), jnp.asarray(mask),
+        jax_logits = np.asarray(reference(jnp.asarray(jax_ids), jnp.asarray(jax_mask),
                                           deterministic=True), dtype=np.float32)
     torch_net, _ = torch_model.load_exported(export_dir)
     with torch.no_grad():

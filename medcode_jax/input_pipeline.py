@@ -136,8 +136,9 @@ class _TrainPlan:
 
     def __init__(self, lengths: np.ndarray, *, global_batch_size: int, chunk_size: int,
                  buckets: Sequence[int], seed: int, shuffle: bool, process_index: int,
-                 local_batch_size: int):
+                 local_batch_size: int, reserve_tokens: int = 0):
         self.lengths = lengths
+        self.reserve_tokens = reserve_tokens
         self.global_batch_size = global_batch_size
         self.chunk_size = chunk_size
         self.buckets = tuple(sorted(buckets))
@@ -183,7 +184,8 @@ class _TrainPlan:
             order[:n] = np.arange(n)
             batches = order.reshape(steps, g)
         longest = np.where(batches >= 0, self.lengths[np.maximum(batches, 0)], 0).max(axis=1)
-        chunks = np.array([_bucket_for(int(n), self.chunk_size, self.buckets) for n in longest])
+        chunks = np.array([_bucket_for(int(n) + self.reserve_tokens, self.chunk_size, self.buckets)
+                           for n in longest])
         return batches, chunks
 
     def __call__(self, step: int) -> tuple[np.ndarray, int]:
@@ -195,9 +197,11 @@ class _TrainPlan:
 def make_train_iterator(ds, *, split: str = "train", global_batch_size: int, chunk_size: int,
                         buckets: Sequence[int], seed: int, process_index: int = 0,
                         process_count: int = 1, shuffle: bool = True,
-                        worker_count: int = 0) -> grain.DatasetIterator:
+                        worker_count: int = 0, reserve_tokens: int = 0) -> grain.DatasetIterator:
     """Infinite iterator of process-local training batches (see the module docstring).
 
+    ``reserve_tokens``: padding every batch must have beyond its longest document (1 for the
+    reference-unmasked ``emc`` mode, ``plm_icd.reserve_tokens``).
     The returned grain ``DatasetIterator`` supports ``get_state()`` / ``set_state()``;
     ``worker_count > 0`` loads batches in that many worker processes (``mp_prefetch``).
     ``shuffle=False``: documents in source order every epoch (no shuffle, no length sorting).
@@ -207,10 +211,10 @@ def make_train_iterator(ds, *, split: str = "train", global_batch_size: int, chu
     if lengths.size < global_batch_size:
         raise ValueError(f"split {split!r} of {ds.path} has {lengths.size} documents, fewer "
                          f"than global_batch_size {global_batch_size}: no full batch")
-    _bucket_for(int(lengths.max()), chunk_size, buckets)  # fail now, not mid-epoch
+    _bucket_for(int(lengths.max()) + reserve_tokens, chunk_size, buckets)  # fail now
     plan = _TrainPlan(lengths, global_batch_size=global_batch_size, chunk_size=chunk_size,
                       buckets=buckets, seed=seed, shuffle=shuffle, process_index=process_index,
-                      local_batch_size=local_b)
+                      local_batch_size=local_b, reserve_tokens=reserve_tokens)
     load = _LoadAndPad(ds.source(split), chunk_size=chunk_size, num_labels=ds.num_labels,
                        pad_id=ds.pad_token_id)
     dataset = grain.MapDataset.range(sys.maxsize).map(plan).map(load)
@@ -231,7 +235,7 @@ def make_train_iterator(ds, *, split: str = "train", global_batch_size: int, chu
 
 def _eval_plan(lengths: np.ndarray, *, global_batch_size: int, chunk_size: int,
                buckets: Sequence[int], process_index: int,
-               local_batch_size: int) -> list[tuple[np.ndarray, int]]:
+               local_batch_size: int, reserve_tokens: int = 0) -> list[tuple[np.ndarray, int]]:
     order = np.argsort(-lengths.astype(np.int64), kind="stable")  # longest first
     steps = math.ceil(order.size / global_batch_size)
     padded = np.full(steps * global_batch_size, -1, np.int64)
@@ -241,20 +245,22 @@ def _eval_plan(lengths: np.ndarray, *, global_batch_size: int, chunk_size: int,
     plan = []
     for batch in batches:
         longest = int(lengths[batch[batch >= 0]].max())
-        plan.append((batch[rows], _bucket_for(longest, chunk_size, buckets)))
+        plan.append((batch[rows], _bucket_for(longest + reserve_tokens, chunk_size, buckets)))
     return plan
 
 
 def make_eval_batches(ds, split: str, *, global_batch_size: int, chunk_size: int,
                       buckets: Sequence[int], process_index: int = 0,
-                      process_count: int = 1) -> Iterator[Batch]:
-    """One pass over ``split``, longest documents first, filler rows in the last batch."""
+                      process_count: int = 1, reserve_tokens: int = 0) -> Iterator[Batch]:
+    """One pass over ``split``, longest documents first, filler rows in the last batch
+    (``reserve_tokens`` as in ``make_train_iterator``)."""
     local_b = _check_processes(global_batch_size, process_index, process_count)
     lengths = ds.lengths(split)
     if lengths.size == 0:
         return iter(())
     plan = _eval_plan(lengths, global_batch_size=global_batch_size, chunk_size=chunk_size,
-                      buckets=buckets, process_index=process_index, local_batch_size=local_b)
+                      buckets=buckets, process_index=process_index, local_batch_size=local_b,
+                      reserve_tokens=reserve_tokens)
     load = _LoadAndPad(ds.source(split), chunk_size=chunk_size, num_labels=ds.num_labels,
                        pad_id=ds.pad_token_id)
     return iter(grain.MapDataset.source(plan).map(load).to_iter_dataset(_read_options()))

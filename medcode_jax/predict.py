@@ -54,7 +54,7 @@ def _text_batches(run: train.Run, pattern: str, tokenizer) -> Iterator[dict[str,
             with open(name, encoding="utf-8") as f:
                 ids.append(tokenizer(f.read(), truncation=True,
                                      max_length=c.data.max_length)["input_ids"])
-        longest = max(len(x) for x in ids)
+        longest = max(len(x) for x in ids) + run.reserve_tokens
         chunks = next((b for b in run.buckets if b * chunk >= longest), run.buckets[-1])
         width = chunks * chunk
         batch = {"input_ids": np.full((size, width), pad, np.int32),

@@ -77,6 +77,21 @@ _REQUIRED_META = ("family", "flavour", "head_type", "chunk_size", "pad_token_id"
 _REQUIRED_PLMRR_META = ("top_k", "description_length", "num_heads")
 
 
+def reference_length(longest: int, chunk_size: int, unmasked_padding: str) -> int:
+    """The padded length the reference gives a batch whose longest note has ``longest`` tokens:
+    ``emc`` adds c - longest mod c (a whole extra chunk when longest is a multiple of c),
+    ``sigir2023`` rounds up to whole chunks; at least one chunk. (The same arithmetic as
+    ``medcode_jax.models.plm_icd.reference_length``, repeated so this module imports without
+    JAX.)"""
+    c = chunk_size
+    if unmasked_padding == "emc":
+        return (longest // c + 1) * c
+    if unmasked_padding == "sigir2023":
+        return max(-(-longest // c) * c, c)
+    raise ValueError(f"unmasked_padding must be 'emc' or 'sigir2023', got {unmasked_padding!r}; "
+                     "fix config.json or re-export the model.")
+
+
 def read_meta(export_dir: str) -> dict[str, Any]:
     """Read and validate an export folder's ``config.json`` (the model settings)."""
     path = os.path.join(export_dir, CONFIG_FILE)
@@ -140,11 +155,15 @@ def torch_classes() -> types.SimpleNamespace:
     from torch import nn
 
     def label_softmax(scores: torch.Tensor, mask: torch.Tensor | None,
-                      mask_padding: bool) -> torch.Tensor:
+                      mask_padding: bool, span: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax over tokens of [B, C, L] fp32 scores; padded tokens masked if asked.
 
         A document without any real token gets an all-zero attention row (as in our JAX head).
+        Unmasked, over all positions or those where ``span`` [B, L] is non-zero.
         """
+        if not mask_padding and span is not None:
+            bias = torch.where((span != 0)[:, None, :], 0.0, _MASK_VALUE).to(scores.dtype)
+            return torch.softmax(scores + bias, dim=-1)
         if not mask_padding or mask is None:
             return torch.softmax(scores, dim=-1)
         real = (mask != 0)[:, None, :]
@@ -170,11 +189,11 @@ def torch_classes() -> types.SimpleNamespace:
             self.mask_padding = mask_padding
 
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    output_attention: bool = False):
+                    output_attention: bool = False, span: torch.Tensor | None = None):
             keys = self.weights_k(hidden)  # [B, L, D]
             values = self.weights_v(hidden)  # [B, L, D]
             scores = torch.einsum("cd,bld->bcl", self.label_representations, keys) / self.scale
-            attention = label_softmax(scores.float(), attention_mask, self.mask_padding)
+            attention = label_softmax(scores.float(), attention_mask, self.mask_padding, span)
             mixed = self.layernorm(attention.to(values.dtype) @ values)  # [B, C, D]
             logits = (mixed * self.output_linear.weight[0]).sum(-1) + self.output_linear.bias
             return (logits, attention) if output_attention else logits
@@ -195,10 +214,10 @@ def torch_classes() -> types.SimpleNamespace:
             self.mask_padding = mask_padding
 
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    output_attention: bool = False):
+                    output_attention: bool = False, span: torch.Tensor | None = None):
             scores = self.second_linear(torch.tanh(self.first_linear(hidden)))  # [B, L, C]
             attention = label_softmax(scores.transpose(1, 2).float(), attention_mask,
-                                      self.mask_padding)
+                                      self.mask_padding, span)
             pooled = attention.to(hidden.dtype) @ hidden  # [B, C, D]
             logits = (pooled * self.third_linear.weight).sum(-1) + self.third_linear.bias
             return (logits, attention) if output_attention else logits
@@ -207,12 +226,13 @@ def torch_classes() -> types.SimpleNamespace:
         """Chunked encoder (``roberta_encoder``) + label-wise head (``label_wise_attention``)."""
 
         def __init__(self, encoder: nn.Module, head: nn.Module, *, chunk_size: int,
-                     pad_token_id: int):
+                     pad_token_id: int, unmasked_padding: str = "emc"):
             super().__init__()
             self.roberta_encoder = encoder
             self.label_wise_attention = head
             self.chunk_size = chunk_size
             self.pad_token_id = pad_token_id
+            self.unmasked_padding = unmasked_padding
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     output_attention: bool = False):
@@ -220,17 +240,30 @@ def torch_classes() -> types.SimpleNamespace:
             if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
                 raise ValueError("input_ids and attention_mask must both be [B, T], got "
                                  f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}.")
+            span_length = None
+            if not self.label_wise_attention.mask_padding:
+                # The reference's padded batch length, which its unmasked head attends over.
+                longest = int((attention_mask != 0).sum(-1).max()) if input_ids.numel() else 0
+                span_length = reference_length(longest, self.chunk_size, self.unmasked_padding)
             hidden, mask = encode_chunks(self.roberta_encoder, input_ids, attention_mask,
                                          chunk_size=self.chunk_size,
-                                         pad_token_id=self.pad_token_id)
-            return self.label_wise_attention(hidden, mask, output_attention=output_attention)
+                                         pad_token_id=self.pad_token_id,
+                                         min_length=span_length or 0)
+            span = None
+            if span_length is not None:
+                positions = torch.arange(mask.shape[1], device=mask.device)
+                span = (positions < span_length).to(mask.dtype)[None, :].expand_as(mask)
+            return self.label_wise_attention(hidden, mask, output_attention=output_attention,
+                                             span=span)
 
     def encode_chunks(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      *, chunk_size: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] -> (hidden [B, n·c, D], mask [B, n·c]): pad to whole chunks, encode rows."""
+                      *, chunk_size: int, pad_token_id: int, min_length: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] -> (hidden [B, n·c, D], mask [B, n·c]): pad to whole chunks (at least
+        ``min_length`` tokens), encode rows."""
         batch, length = input_ids.shape
         c = chunk_size
-        fill = math.ceil(length / c) * c - length
+        fill = math.ceil(max(length, min_length) / c) * c - length
         ids = nn.functional.pad(input_ids, (0, fill), value=pad_token_id)
         mask = nn.functional.pad(attention_mask, (0, fill), value=0)
         out = encoder(input_ids=ids.reshape(-1, c), attention_mask=mask.reshape(-1, c))
@@ -576,7 +609,8 @@ def build_model(export_dir: str, meta: Mapping[str, Any]):
                                       projection_size=meta.get("projection_size"),
                                       mask_padding=bool(meta["mask_padding"]))
     return classes.PLMICD(encoder, head, chunk_size=int(meta["chunk_size"]),
-                          pad_token_id=int(meta["pad_token_id"]))
+                          pad_token_id=int(meta["pad_token_id"]),
+                          unmasked_padding=str(meta.get("unmasked_padding", "emc")))
 
 
 def load_exported(export_dir: str, *, device: str = "cpu"):

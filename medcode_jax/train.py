@@ -59,6 +59,8 @@ class Run:
     total_steps: int
     buckets: tuple[int, ...]
     feeder: "Feeder" = dataclasses.field(default_factory=lambda: Feeder())
+    # Padding every batch needs beyond its longest note (plm_icd.reserve_tokens).
+    reserve_tokens: int = 0
 
     def model(self, state: steps.TrainState | None = None) -> nnx.Module:
         state = self.state if state is None else state
@@ -105,6 +107,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
         raise ValueError(f"config.model.type={model_type!r}: use one of {MODEL_TYPES}")
     if model_type == "plmicd" and config.model.head not in HEADS:
         raise ValueError(f"config.model.head={config.model.head!r}: use one of {HEADS}")
+    if config.model.unmasked_padding not in plm_icd.UNMASKED_PADDINGS:
+        raise ValueError(f"config.model.unmasked_padding={config.model.unmasked_padding!r}: use "
+                         f"one of {plm_icd.UNMASKED_PADDINGS}")
     if t.dtype not in DTYPES:
         raise ValueError(f"config.train.dtype={t.dtype!r}: use one of {sorted(DTYPES)}")
     if config.model.freeze_label_queries and not config.model.dca:
@@ -167,8 +172,16 @@ def build_model(config: ml_collections.ConfigDict, enc_cfg: encoders.EncoderConf
     return plm_icd.create_plmicd(
         encoder, num_labels=num_labels, head_type=config.model.head,
         chunk_size=config.data.chunk_size, pad_token_id=pad_token_id, scale=config.model.scale,
-        mask_padding=config.model.mask_padding, rngs=rngs, dtype=dtype,
-        param_dtype=jnp.float32)
+        mask_padding=config.model.mask_padding, unmasked_padding=config.model.unmasked_padding,
+        rngs=rngs, dtype=dtype, param_dtype=jnp.float32)
+
+
+def reserve_tokens(config: ml_collections.ConfigDict) -> int:
+    """Padding a batch needs beyond its longest note for this config's model (1 for the
+    reference-unmasked `emc` mode of PLM-ICD / PLM-CA, else 0)."""
+    if config.model.type != "plmicd":
+        return 0
+    return plm_icd.reserve_tokens(config.model.mask_padding, config.model.unmasked_padding)
 
 
 def _check_tokenizer(config: ml_collections.ConfigDict, ds: shards.PreparedDataset,
@@ -218,12 +231,15 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     with nnx.use_eager_sharding(False):
         graphdef = nnx.split(nnx.eval_shape(make_model), trainable, nnx.Param, ...)[0]
     (state, rest), (state_sh, rest_sh), abstract = shd.create_sharded(init, mesh, config.mesh.rules)
+    reserve = reserve_tokens(config)
     run = Run(config=config, ds=ds, mesh=mesh, encoder_config=enc_cfg, graphdef=graphdef,
               state=state, rest=rest, state_shardings=state_sh, rest_shardings=rest_sh,
               abstract_state=shd.abstract_with_shardings(abstract[0], state_sh), tx=tx,
               schedule=schedule, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               buckets=input_pipeline.bucket_chunk_counts(
-                  config.data.max_length, config.data.chunk_size, config.data.bucket_multiple))
+                  config.data.max_length + reserve, config.data.chunk_size,
+                  config.data.bucket_multiple),
+              reserve_tokens=reserve)
     if config.model.type == "plmrr":
         from medcode_jax import pipelines  # PLM-RR's host side: candidates from the cache
 
@@ -285,7 +301,8 @@ class Evaluator:
         return input_pipeline.make_eval_batches(
             self.run.ds, split, global_batch_size=c.train.eval_batch_size,
             chunk_size=c.data.chunk_size, buckets=self.run.buckets,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            reserve_tokens=self.run.reserve_tokens)
 
     def accumulator(self) -> metrics_lib.MetricAccumulator:
         meta = self.run.ds.metadata
@@ -423,7 +440,7 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
     train_iter = input_pipeline.make_train_iterator(
         run.ds, global_batch_size=t.global_batch_size, chunk_size=config.data.chunk_size,
         buckets=run.buckets, seed=t.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), reserve_tokens=run.reserve_tokens)
     progress = {"best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "stopped": False}
     if ckpt.latest_step() is not None:
         meta = ckpt.restore_meta()

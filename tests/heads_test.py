@@ -14,6 +14,7 @@ from flax import nnx
 
 from medcode_jax.models import heads as heads_lib
 from medcode_jax.models.heads import LabelAttention, LabelCrossAttention
+from medcode_jax.models import plm_icd
 from medcode_jax.models.plm_icd import PLMICD, create_plmicd
 
 D, C, VOCAB, CHUNK, PAD = 16, 7, 50, 4, 1
@@ -401,3 +402,51 @@ def test_label_softmax_custom_vjp_matches_autodiff(masked):
     np.testing.assert_allclose(grad, grad_ref, atol=1e-6)
     # bf16 compute: probabilities (the saved residual) come back in bf16.
     assert ours(scores.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------- reference padding
+
+
+def _reference_fill(longest: int, padding: str) -> int:
+    """Padding tokens the reference adds to a batch collated to its longest note (written from
+    the reference code: EMC `split_input_into_chunks` pads `c - L % c`, SIGIR's collate pads to
+    the next multiple of c only when L is not one)."""
+    if padding == "emc":
+        return CHUNK - longest % CHUNK
+    return 0 if longest % CHUNK == 0 else CHUNK - longest % CHUNK
+
+
+@pytest.mark.parametrize("head_type", ["cross_attention", "laat"])
+@pytest.mark.parametrize("padding", ["emc", "sigir2023"])
+@pytest.mark.parametrize("longest", [2 * CHUNK, 2 * CHUNK - 1])  # a multiple of c, and not
+def test_unmasked_heads_attend_to_the_reference_padding(head_type, padding, longest):
+    model = make_model(head_type, mask_padding=False, unmasked_padding=padding)
+    ids, mask = random_ids(3, lengths=(longest, 3), total=longest)  # collated as the reference
+    fill = _reference_fill(longest, padding)
+    ref_ids = jnp.pad(ids, ((0, 0), (0, fill)), constant_values=PAD)
+    ref_mask = jnp.pad(mask, ((0, 0), (0, fill)))
+    hidden, hidden_mask = model.encode(ref_ids, ref_mask)
+    expected = model.label_wise_attention(hidden, hidden_mask)  # unmasked: every position
+    # Our pipeline pads the same batch to a bucket of 5 chunks.
+    bucket = 5 * CHUNK
+    ids5 = jnp.pad(ids, ((0, 0), (0, bucket - longest)), constant_values=PAD)
+    mask5 = jnp.pad(mask, ((0, 0), (0, bucket - longest)))
+    np.testing.assert_allclose(model(ids5, mask5), expected, atol=1e-6)
+    # Attending to the whole bucket (what the span prevents) gives other logits.
+    whole = model.label_wise_attention(*model.encode(ids5, mask5))
+    assert np.abs(np.asarray(whole) - np.asarray(expected)).max() > 1e-4
+    if padding == "emc" and longest % CHUNK == 0:
+        assert fill == CHUNK  # the extra chunk this mode exists for
+        assert plm_icd.reserve_tokens(False, "emc") == 1
+    # Masked heads ignore all of this.
+    masked = make_model(head_type, unmasked_padding=padding)
+    np.testing.assert_allclose(masked(ids5, mask5), masked(ref_ids, ref_mask), atol=1e-6)
+
+
+def test_reference_length_and_reserve():
+    assert [plm_icd.reference_length(n, 4, "emc") for n in (3, 4, 5, 8)] == [4, 8, 8, 12]
+    assert [plm_icd.reference_length(n, 4, "sigir2023") for n in (3, 4, 5, 8)] == [4, 4, 8, 8]
+    assert plm_icd.reserve_tokens(True, "emc") == 0
+    assert plm_icd.reserve_tokens(False, "sigir2023") == 0
+    with pytest.raises(ValueError, match="unmasked_padding"):
+        make_model("laat", mask_padding=False, unmasked_padding="fork")

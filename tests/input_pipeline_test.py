@@ -219,3 +219,16 @@ def test_to_global_on_cpu_devices(ds):
             ip.to_global({k: v[:3] for k, v in batch.items()}, mesh)
     with pytest.raises(ValueError, match="not mesh axes"):
         ip.to_global(batch, mesh, data_axes=("batch",))
+
+
+def test_reserve_tokens_leaves_room_for_the_reference_extra_chunk(ds):
+    """Unmasked `emc` heads attend to one more chunk of padding when a batch's longest note is a
+    multiple of the chunk size: every batch must be padded past its longest note."""
+    batches = take(train_iter(ds, reserve_tokens=1), 12)
+    batches += list(ip.make_eval_batches(ds, "val", global_batch_size=GLOBAL_B,
+                                         chunk_size=CHUNK, buckets=BUCKETS, reserve_tokens=1))
+    for batch in batches:
+        longest = batch["lengths"].max()
+        assert batch["input_ids"].shape[1] >= longest + 1
+        need = -(-(longest + 1) // CHUNK)
+        assert batch["input_ids"].shape[1] // CHUNK == min(b for b in BUCKETS if b >= need)

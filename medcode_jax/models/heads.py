@@ -95,17 +95,23 @@ def _mask_bias(mask: jax.Array) -> jax.Array:
 
 
 def _label_softmax(
-    scores: jax.Array, mask: jax.Array, *, mask_padding: bool, inv_scale: float = 1.0
+    scores: jax.Array, mask: jax.Array, *, mask_padding: bool, inv_scale: float = 1.0,
+    span: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax over the last (token) axis of [B, C, L] scores, masking padding if asked.
 
     Computed in fp32, returned (and kept for the backward pass) in the scores' compute dtype;
-    rows of documents without any real token are all zero when masking.
+    rows of documents without any real token are all zero when masking. Unmasked, the softmax
+    runs over every position, or over the positions where `span` [B, L] is non-zero (the
+    padded length the reference's batch would have had, `plm_icd.reference_span`).
     """
     batch, _, length = scores.shape
     if mask_padding:
         bias = _mask_bias(mask)
         keep = jnp.any(mask != 0, axis=-1).astype(jnp.float32)[:, None, None]
+    elif span is not None:
+        bias = _mask_bias(span)
+        keep = jnp.ones((batch, 1, 1), jnp.float32)
     else:
         bias = jnp.zeros((batch, 1, length), jnp.float32)
         keep = jnp.ones((batch, 1, 1), jnp.float32)
@@ -249,9 +255,12 @@ class LabelCrossAttention(nnx.Module):
         self.layernorm, self.output_linear = layernorm_scorer(d, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
-        self, hidden: jax.Array, mask: jax.Array, *, return_attention: bool = False
+        self, hidden: jax.Array, mask: jax.Array, *, return_attention: bool = False,
+        span: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """hidden [B, L, D], mask [B, L] -> logits [B, C] fp32 (, attention [B, C, L] fp32)."""
+        """hidden [B, L, D], mask [B, L] -> logits [B, C] fp32 (, attention [B, C, L] fp32).
+
+        `span` [B, L] (unmasked mode only): the positions the reference's padded batch has."""
         _check_inputs("LabelCrossAttention", hidden, mask, self.hidden_size)
         hidden = hidden.astype(self.dtype)
         keys = self.weights_k(hidden)  # [B, L, D]
@@ -259,7 +268,7 @@ class LabelCrossAttention(nnx.Module):
         queries = self.label_representations[...].astype(self.dtype)  # [C, D]
         scores = jnp.einsum("cd,bld->bcl", queries, keys)  # [B, C, L], compute dtype
         attention = _label_softmax(
-            scores, mask, mask_padding=self.mask_padding, inv_scale=1.0 / self.scale
+            scores, mask, mask_padding=self.mask_padding, inv_scale=1.0 / self.scale, span=span
         )
         mixed = jnp.einsum(
             "bcl,bld->bcd", attention, values, preferred_element_type=jnp.float32
@@ -328,15 +337,18 @@ class LabelAttention(nnx.Module):
         )
 
     def __call__(
-        self, hidden: jax.Array, mask: jax.Array, *, return_attention: bool = False
+        self, hidden: jax.Array, mask: jax.Array, *, return_attention: bool = False,
+        span: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """hidden [B, L, D], mask [B, L] -> logits [B, C] fp32 (, attention [B, C, L] fp32)."""
+        """hidden [B, L, D], mask [B, L] -> logits [B, C] fp32 (, attention [B, C, L] fp32).
+
+        `span` [B, L] (unmasked mode only): the positions the reference's padded batch has."""
         _check_inputs("LabelAttention", hidden, mask, self.hidden_size)
         hidden = hidden.astype(self.dtype)
         projected = jnp.tanh(self.first_linear(hidden))  # [B, L, P]
         w2 = self.second_linear.kernel[...].astype(self.dtype)  # [P, C]
         scores = jnp.einsum("blp,pc->bcl", projected, w2)  # [B, C, L], compute dtype
-        attention = _label_softmax(scores, mask, mask_padding=self.mask_padding)
+        attention = _label_softmax(scores, mask, mask_padding=self.mask_padding, span=span)
         pooled = jnp.einsum("bcl,bld->bcd", attention, hidden)  # [B, C, D]
         w3 = self.third_linear.kernel[...].astype(self.dtype)  # [D, C]
         logits = jnp.einsum("bcd,dc->bc", pooled, w3, preferred_element_type=jnp.float32)

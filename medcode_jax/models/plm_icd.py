@@ -11,6 +11,15 @@ Attribute names: `encoder` (any module with the contract
 `label_wise_attention` (the head; the reference's name, so head parameter paths match its state
 dict). A chunk that is all padding is passed to the encoder with an all-zero mask: the encoder
 must return finite values for it (its outputs are masked out by the head).
+
+Unmasked heads (`mask_padding=False`, the references' published numbers) attend to padding, so
+their logits depend on how far a batch is padded. The references pad a batch to its longest
+note L, then to whole chunks: `sigir2023` (medical-coding-reproducibility's collate) to
+ceil(L / c)·c; `emc` (explainable-medical-coding's `split_input_into_chunks`) adds
+c - L mod c tokens, i.e. one more whole chunk of padding when L is already a multiple of c.
+Our batches are padded to length buckets instead, so in that mode the head attends to the
+positions `reference_span` gives (the reference's padded length), not to the whole bucket; the
+input pipeline reserves room for the extra `emc` chunk (`reserve_tokens`).
 """
 from __future__ import annotations
 
@@ -23,6 +32,47 @@ from flax import nnx
 from medcode_jax.models.heads import Dtype, LabelAttention, LabelCrossAttention
 
 HeadType = Literal["cross_attention", "laat"]
+UnmaskedPadding = Literal["emc", "sigir2023"]
+UNMASKED_PADDINGS = ("emc", "sigir2023")
+
+
+def _check_unmasked_padding(value: str, caller: str) -> None:
+    if value not in UNMASKED_PADDINGS:
+        raise ValueError(
+            f"{caller}: unmasked_padding must be one of {UNMASKED_PADDINGS} (how the reference "
+            f"pads a batch to whole chunks), got {value!r}."
+        )
+
+
+def reference_length(longest, chunk_size: int, unmasked_padding: str):
+    """The padded length the reference gives a batch whose longest note has `longest` tokens
+    (a Python int or a traced integer): `emc` longest + c - longest mod c, `sigir2023`
+    ceil(longest / c)·c."""
+    c = chunk_size
+    if unmasked_padding == "emc":
+        return (longest // c + 1) * c
+    return -(-longest // c) * c
+
+
+def reserve_tokens(mask_padding: bool, unmasked_padding: str) -> int:
+    """Extra tokens a batch's bucket must hold beyond its longest note: 1 for the unmasked
+    `emc` mode (room for its extra padding chunk), else 0."""
+    return 1 if (not mask_padding and unmasked_padding == "emc") else 0
+
+
+def reference_span(attention_mask: jax.Array, chunk_size: int, unmasked_padding: str
+                   ) -> jax.Array:
+    """[B, T] mask of the positions t < reference_length(longest real note of the batch).
+
+    Positions beyond T do not exist: the caller must pad the batch far enough (`reserve_tokens`)
+    for the result to be the reference's.
+    """
+    _check_unmasked_padding(unmasked_padding, "reference_span")
+    longest = jnp.max(jnp.sum((attention_mask != 0).astype(jnp.int32), axis=-1))
+    length = jnp.maximum(reference_length(longest, chunk_size, unmasked_padding), chunk_size)
+    positions = jnp.arange(attention_mask.shape[-1], dtype=jnp.int32)
+    span = (positions < length).astype(jnp.int32)[None, :]
+    return jnp.broadcast_to(span, attention_mask.shape)
 
 
 class PLMICD(nnx.Module):
@@ -36,9 +86,12 @@ class PLMICD(nnx.Module):
         chunk_size: int,
         pad_token_id: int,
         encoder_batch_size: int | None = None,
+        unmasked_padding: UnmaskedPadding = "emc",
     ):
         """`encoder_batch_size`: if set, encode the B·n chunk rows that many at a time in a
-        `lax.scan` (bounds activation memory; off by default)."""
+        `lax.scan` (bounds activation memory; off by default). `unmasked_padding`: which
+        reference's batch padding an unmasked head sees (module docstring)."""
+        _check_unmasked_padding(unmasked_padding, "PLMICD")
         if chunk_size < 1:
             raise ValueError(f"PLMICD: chunk_size must be >= 1, got {chunk_size}.")
         if encoder_batch_size is not None and encoder_batch_size < 1:
@@ -50,6 +103,7 @@ class PLMICD(nnx.Module):
         self.chunk_size = chunk_size
         self.pad_token_id = pad_token_id
         self.encoder_batch_size = encoder_batch_size
+        self.unmasked_padding = unmasked_padding
 
     def encode(
         self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True
@@ -71,7 +125,11 @@ class PLMICD(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """[B, T] -> logits [B, C] fp32 (, label attention [B, C, T] fp32)."""
         hidden, mask = self.encode(input_ids, attention_mask, deterministic=deterministic)
-        return self.label_wise_attention(hidden, mask, return_attention=return_attention)
+        head = self.label_wise_attention
+        span = None
+        if not head.mask_padding:
+            span = reference_span(mask, self.chunk_size, self.unmasked_padding)
+        return head(hidden, mask, return_attention=return_attention, span=span)
 
 
 def chunked_encode(
@@ -166,6 +224,7 @@ def create_plmicd(
     pad_token_id: int,
     scale: float = 1.0,
     mask_padding: bool = True,
+    unmasked_padding: UnmaskedPadding = "emc",
     encoder_batch_size: int | None = None,
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
@@ -174,7 +233,8 @@ def create_plmicd(
     """PLM-CA (`head_type="cross_attention"`, default) or PLM-ICD (`"laat"`) around `encoder`.
 
     The head's width is read from the encoder's output. `scale` applies to cross-attention only
-    (LAAT has none); `mask_padding=False` reproduces the reference's unmasked attention.
+    (LAAT has none); `mask_padding=False` reproduces the reference's unmasked attention over
+    the padding `unmasked_padding` names (module docstring).
     """
     if num_labels < 1:
         raise ValueError(f"create_plmicd: num_labels must be >= 1, got {num_labels}.")
@@ -200,5 +260,5 @@ def create_plmicd(
         )
     return PLMICD(
         encoder, head, chunk_size=chunk_size, pad_token_id=pad_token_id,
-        encoder_batch_size=encoder_batch_size,
+        encoder_batch_size=encoder_batch_size, unmasked_padding=unmasked_padding,
     )
