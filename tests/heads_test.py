@@ -450,3 +450,59 @@ def test_reference_length_and_reserve():
     assert plm_icd.reserve_tokens(False, "sigir2023") == 0
     with pytest.raises(ValueError, match="unmasked_padding"):
         make_model("laat", mask_padding=False, unmasked_padding="fork")
+
+
+@pytest.mark.parametrize("kind", ["ca", "laat"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_head_gradients_match_pytorch_autograd(kind, masked):
+    """Every parameter's and the hidden states' gradient equals PyTorch autograd of the
+    reference formula (LAAT as the SIGIR `LabelAttention.forward`: softmax over dim=1 of the
+    [B, L, C] scores; PLM-CA as EMC's `LabelCrossAttention`)."""
+    torch = pytest.importorskip("torch")
+    head = make_head(kind, mask_padding=masked, seed=3)
+    h, mask = hidden_and_mask(seed=5)
+    cotangent = np.asarray(jax.random.normal(jax.random.key(6), (h.shape[0], C)))
+
+    def loss(head, h):
+        return jnp.sum(head(h, mask) * cotangent)
+
+    grads_head, grads_h = nnx.grad(loss, argnums=(0, 1))(head, h)
+    t = lambda x: torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    th = t(h)
+    keep = torch.tensor(np.asarray(mask) != 0)
+    if kind == "laat":
+        w1, w2 = t(head.first_linear.kernel[...]), t(head.second_linear.kernel[...])
+        w3, b3 = t(head.third_linear.kernel[...]), t(head.third_linear.bias[...])
+        scores = torch.tanh(th @ w1) @ w2  # [B, L, C]
+        if masked:
+            scores = scores.masked_fill(~keep[:, :, None], float("-inf"))
+        att = torch.softmax(scores, dim=1).transpose(1, 2)  # [B, C, L]
+        logits = (w3.T * (att @ th)).sum(2) + b3
+        leaves = {"first_linear": w1, "second_linear": w2, "third_linear": w3}
+        bias = ("third_linear", b3)
+    else:
+        wk, wv, bv = (t(head.weights_k.kernel[...]), t(head.weights_v.kernel[...]),
+                      t(head.weights_v.bias[...]))
+        q = t(head.label_representations[...])
+        gamma, beta = t(head.layernorm.scale[...]), t(head.layernorm.bias[...])
+        w, b = t(head.output_linear.kernel[...]), t(head.output_linear.bias[...])
+        scores = torch.einsum("cd,bld->bcl", q, th @ wk)
+        if masked:
+            scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+        mixed = torch.softmax(scores, dim=-1) @ (th @ wv + bv)
+        normed = torch.nn.functional.layer_norm(mixed, (D,), gamma, beta, eps=1e-5)
+        logits = (normed @ w)[..., 0] + b
+        leaves = {"weights_k": wk, "weights_v": wv, "output_linear": w}
+        bias = ("weights_v", bv)
+    (logits * torch.tensor(cotangent, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(np.asarray(grads_h), th.grad.numpy(), atol=2e-5)
+    for name, leaf in leaves.items():
+        np.testing.assert_allclose(np.asarray(grads_head[name]["kernel"][...]),
+                                   leaf.grad.numpy(), atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(np.asarray(grads_head[bias[0]]["bias"][...]),
+                               bias[1].grad.numpy(), atol=2e-5)
+    if kind == "ca":
+        np.testing.assert_allclose(np.asarray(grads_head["label_representations"][...]),
+                                   q.grad.numpy(), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(grads_head["layernorm"]["scale"][...]),
+                                   gamma.grad.numpy(), atol=2e-5)
