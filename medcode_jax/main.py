@@ -2,7 +2,8 @@
 
 Modes: train (default; train + final evaluation, resumes from --workdir), eval (the best
 checkpoint on --split), predict (--input glob or shards:<split> -> --output JSONL), export (PyTorch folder,
---export_dir).
+--export_dir), plan (per-device memory of the train step on --plan_devices simulated devices;
+medcode_jax.plan).
 The loop lives in medcode_jax.train, prediction in medcode_jax.predict.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "plan"],
                            "What to do.")
 _SPLIT = flags.DEFINE_string("split", "test", "--mode=eval: split to evaluate.")
 _INPUT = flags.DEFINE_string("input", None, "--mode=predict: text-file glob or shards:<split>.")
@@ -28,9 +29,21 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None,
 _EXPORT_FLAVOUR = flags.DEFINE_enum("export_flavour", "fork", ["fork", "emc"],
                                     "--mode=export: 'fork' keeps the encoder pooler in "
                                     "model.safetensors (ngray0 fork), 'emc' drops it.")
+_PLAN_DEVICES = flags.DEFINE_integer(
+    "plan_devices", None, "--mode=plan: simulate this many CPU devices (the target mesh's "
+    "device count); default: the devices present.")
+_PLAN_NUM_LABELS = flags.DEFINE_integer(
+    "plan_num_labels", None, "--mode=plan without prepared shards: the label count.")
 _MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"],
                                "jax.distributed.initialize(): auto = when a coordinator / SLURM "
                                "/ Open MPI / TPU environment is detected.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process without a launcher: host:port of process 0's "
+    "coordinator (default: $JAX_COORDINATOR_ADDRESS); with --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process without a launcher: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-process without a launcher: this process's index.")
 
 
 
@@ -59,8 +72,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
         handler.addFilter(_QuietLibraries())
-    if _MULTIHOST.value == "yes" or (_MULTIHOST.value == "auto" and _multiprocess_env()):
-        jax.distributed.initialize()
+    if _MODE.value == "plan":
+        _plan()
+        return
+    if _MULTIHOST.value == "yes" or (_MULTIHOST.value == "auto" and (
+            _multiprocess_env() or (_NUM_PROCESSES.value or 1) > 1)):
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     logging.info("process %d/%d, local devices %s, all devices %d", jax.process_index(),
                  jax.process_count(), jax.local_devices(), jax.device_count())
     config = _CONFIG.value
@@ -85,6 +104,25 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--mode=predict needs --input and --output")
         count = predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
         logging.info("wrote predictions for %d documents to %s", count, _OUTPUT.value)
+
+
+def _plan() -> None:
+    """--mode=plan: compile the train step for the target device count on CPU (no training,
+    no distributed start-up) and print its per-device memory."""
+    if _PLAN_DEVICES.value:
+        # Must happen before JAX initialises a backend: simulated CPU devices only.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", _PLAN_DEVICES.value)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/plmca.py:fsdp")
+    from medcode_jax import plan
+
+    result = plan.plan(config, num_labels=_PLAN_NUM_LABELS.value)
+    print(plan.format_plan(result), flush=True)
+    if _WORKDIR.value:
+        os.makedirs(_WORKDIR.value, exist_ok=True)
+        plan.write_plan(result, os.path.join(_WORKDIR.value, "plan.json"))
 
 
 def _plmrr(config) -> None:

@@ -119,16 +119,43 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
         raise ValueError(f"config.train.global_batch_size={t.global_batch_size} is not a multiple "
                          f"of config.train.micro_batch_size={t.micro_batch_size}")
     shards_n = shd.batch_devices(mesh)
-    for name in ("micro_batch_size", "eval_batch_size"):
-        value = t[name]
-        if value % shards_n or value % jax.process_count():
-            raise ValueError(
-                f"config.train.{name}={value} must be a multiple of the {shards_n} batch shards "
-                f"(mesh data x fsdp = {dict(mesh.shape)}) and of the {jax.process_count()} "
-                f"processes; change it or config.mesh.shape (e.g. the SIGIR recipe's 1 x 16 "
-                f"accumulation on {shards_n} devices: --config.train.{name}={shards_n}; the "
-                f"effective batch stays global_batch_size and the loss is the same)")
+    micro = fit_micro_batch(t.global_batch_size, t.micro_batch_size, shards_n,
+                            jax.process_count(), mesh_shape=dict(mesh.shape))
+    if micro != t.micro_batch_size:
+        logging.warning(
+            "config.train.micro_batch_size=%d does not split over the %d batch shards (mesh %s) "
+            "x %d processes: using %d (accumulation %d x %d; the effective batch, %d, and the "
+            "loss are unchanged)", t.micro_batch_size, shards_n, dict(mesh.shape),
+            jax.process_count(), micro, t.global_batch_size // micro, micro, t.global_batch_size)
+        t.micro_batch_size = micro
+    unit = math.lcm(shards_n, jax.process_count())
+    if t.eval_batch_size % unit:
+        size = -(-t.eval_batch_size // unit) * unit
+        logging.warning("config.train.eval_batch_size=%d rounded up to %d, a multiple of the %d "
+                        "batch shards and processes", t.eval_batch_size, size, unit)
+        t.eval_batch_size = size
     return t.global_batch_size // t.micro_batch_size
+
+
+def fit_micro_batch(global_batch: int, micro_batch: int, batch_shards: int, processes: int = 1,
+                    *, mesh_shape: dict | None = None) -> int:
+    """The micro-batch to use: `micro_batch` if it splits evenly over the batch shards and the
+    processes, else the smallest multiple of both that is at least `micro_batch` and divides
+    `global_batch` (the SIGIR recipe's 1 x 16 on 8 devices becomes 8 x 2: one document per
+    device per pass, as asked, and the same effective batch and loss).
+
+    Raises ValueError when no such micro-batch exists (the global batch itself does not split
+    over the devices)."""
+    unit = math.lcm(batch_shards, processes)
+    if micro_batch % unit == 0:
+        return micro_batch
+    for candidate in range(-(-micro_batch // unit) * unit, global_batch + 1, unit):
+        if global_batch % candidate == 0:
+            return candidate
+    raise ValueError(
+        f"config.train.global_batch_size={global_batch} cannot be split over {batch_shards} "
+        f"batch shards (mesh {mesh_shape or {}}) x {processes} processes: it must be a multiple "
+        f"of {unit}; change global_batch_size or config.mesh.shape")
 
 
 def description_table(ds: shards.PreparedDataset, length: int, sep_token_id: int | None

@@ -77,3 +77,16 @@ def test_local_launch_script_parses_and_builds_a_valid_command(tmp_path):
                          env={**os.environ, "PYTHON": "echo", "CONFIG": "configs/plmca.py:demo"})
     assert out.stdout.split() == ["-m", "medcode_jax.main", "--config=configs/plmca.py:demo",
                                   "--workdir=runs/plmca", "--config.train.num_epochs=1"]
+
+
+def test_fit_micro_batch_keeps_the_effective_batch():
+    from medcode_jax.train import fit_micro_batch
+
+    assert fit_micro_batch(16, 1, 8) == 8       # SIGIR 1 x 16 on 8 devices -> 8 x 2
+    assert fit_micro_batch(16, 1, 1) == 1       # one device: as configured
+    assert fit_micro_batch(16, 16, 8) == 16
+    assert fit_micro_batch(16, 2, 4, 2) == 4    # multiple of shards and processes
+    assert fit_micro_batch(48, 5, 4) == 8       # smallest valid multiple >= 5 dividing 48
+    assert fit_micro_batch(24, 5, 3) == 6
+    with pytest.raises(ValueError, match="multiple of 16"):
+        fit_micro_batch(24, 1, 16)

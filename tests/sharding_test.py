@@ -2,6 +2,7 @@
 subprocess) loss/gradient parity of a (2, 2, 2) mesh with one device and FSDP memory ~1/N."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,7 +106,34 @@ _SCRIPT = textwrap.dedent('''
     assert len(per_device) == 8
     ratio = max(per_device.values()) / total
     assert ratio < 1.25 / 8, (ratio, total)
-    print("OK", loss1, loss8, ratio)
+
+    # The SIGIR recipe (1 x 16 accumulation) on 8 devices without editing micro_batch_size:
+    # validate_config picks 8 x 2, and the update equals the single-device 1 x 16 one.
+    from configs import plmicd
+    from medcode_jax import train
+    sigir = plmicd.get_config("")
+    assert (sigir.train.micro_batch_size, sigir.train.global_batch_size) == (1, 16)
+    dp = shd.make_mesh((8, 1, 1))
+    accum = train.validate_config(sigir, dp)
+    assert (sigir.train.micro_batch_size, accum) == (8, 2), (sigir.train.micro_batch_size, accum)
+    host = {k: np.concatenate([v, v[::-1]]) for k, v in host.items()}
+
+    def update(mesh, accum_steps):
+        (state, rest), (ssh, rsh), _ = shd.create_sharded(init, mesh, common.DATA_PARALLEL_RULES)
+        step = steps.jit_train_step(steps.make_train_step(
+            graphdef, optax.identity(), lambda s: 1.0, accum_steps=accum_steps, seed=0,
+            skip_nonfinite=False, deterministic=True, mesh=mesh), ssh, rsh, mesh)
+        before = jax.tree.map(np.asarray, state.params)
+        new, metrics = step(state, rest, jax.device_put(host, shd.batch_sharding(mesh)))
+        return float(metrics["loss"]), jax.tree.leaves(
+            jax.tree.map(lambda a, b: a - np.asarray(b), before, new.params))
+
+    loss_1x16, g_1x16 = update(single, 16)
+    loss_8x2, g_8x2 = update(dp, accum)
+    np.testing.assert_allclose(loss_8x2, loss_1x16, rtol=1e-5)
+    for a, b in zip(g_1x16, g_8x2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    print("OK", loss1, loss8, ratio, loss_1x16)
 ''')
 
 
@@ -192,3 +220,32 @@ def test_plmrr_step_on_mesh_222_matches_single_device():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "OK" in out.stdout
+
+
+def test_plan_mode_reports_per_device_memory(tmp_path):
+    """--mode=plan on 8 simulated devices, FSDP, without prepared shards: the state bytes per
+    device are 1/8 of the total (exact), the compiled step's temporaries are reported."""
+    from train_test import tiny_bert_dir
+
+    bert = tiny_bert_dir(str(tmp_path))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "medcode_jax.main", "--mode=plan",
+         "--config=configs/plmca.py:tiny,fsdp", f"--config.encoder.path={bert}",
+         f"--config.data.dir={tmp_path / 'none'}", "--plan_devices=8", "--plan_num_labels=100",
+         f"--workdir={tmp_path / 'w'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "estimated peak" in out.stdout and "on 8 devices" in out.stdout
+    with open(tmp_path / "w" / "plan.json") as f:
+        plan = json.load(f)
+    b = plan["per_device_bytes"]
+    total = 4 * plan["parameters_total"]  # fp32
+    assert plan["devices"] == 8 and plan["mesh"]["fsdp"] == 8
+    assert total / 8 <= b["parameters"] < 1.25 * total / 8
+    assert b["optimiser"] == 2 * b["parameters"]  # Adam's two moments, sharded alike
+    assert b["temporaries"] > 0
+    assert b["estimated_peak"] > b["parameters"] + b["optimiser"] + b["temporaries"]
+    # micro_batch_size 4 cannot split over 8 devices: fitted to 8, same effective batch.
+    assert (plan["micro_batch"], plan["accumulation"]) == (8, 1)

@@ -57,7 +57,7 @@ class BertEmbeddings(nnx.Module):
         self.token_type_embeddings = (
             layers.Embed(cfg.type_vocab_size, d, axes=(None, "embed"), init=init, rngs=rngs,
                          param_dtype=param_dtype) if cfg.type_vocab_size > 0 else None)
-        self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype,
+        self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=layers.RESIDUAL_DTYPE,
                                            param_dtype=param_dtype)
         self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
         self.roberta_positions = cfg.family == "roberta"
@@ -129,10 +129,10 @@ class BertLayer(nnx.Module):
                  param_dtype: jnp.dtype):
         self.attention = BertAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.attention_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
-                                               dtype=dtype, param_dtype=param_dtype)
+                                               dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
         self.mlp = BertMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.mlp_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
-                                         param_dtype=param_dtype)
+        self.mlp_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                                         dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
         self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:

@@ -76,6 +76,14 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
+# The residual stream (norm outputs, embeddings, block sums) stays fp32 whatever the compute
+# dtype, as under PyTorch autocast: LayerNorm / RMSNorm run and return fp32, every Dense casts
+# its input to the compute dtype (bf16 matmuls), and adding a bf16 block output to the fp32
+# stream promotes to fp32. Costs fp32 activations for the stream (as in the reference), keeps
+# bf16 training numerically where the reference's autocast runs are.
+RESIDUAL_DTYPE = jnp.float32
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, statistics in fp32, output cast to ``dtype``."""
 

@@ -53,7 +53,8 @@ class ModernBertEmbeddings(nnx.Module):
                                            init=layers.normal_init(cfg.initializer_range),
                                            rngs=rngs, param_dtype=param_dtype)
         self.norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
-                                     use_bias=cfg.options["norm_bias"], dtype=dtype,
+                                     use_bias=cfg.options["norm_bias"],
+                                     dtype=layers.RESIDUAL_DTYPE,
                                      param_dtype=param_dtype)
         self.dropout = nnx.Dropout(cfg.options["embedding_dropout"], rngs=rngs)
 
@@ -98,8 +99,8 @@ class ModernBertLayer(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, index: int, *, rngs: nnx.Rngs, dtype: jnp.dtype,
                  param_dtype: jnp.dtype):
-        norm = dict(eps=cfg.layer_norm_eps, use_bias=cfg.options["norm_bias"], dtype=dtype,
-                    param_dtype=param_dtype)
+        norm = dict(eps=cfg.layer_norm_eps, use_bias=cfg.options["norm_bias"],
+                    dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
         self.attn_norm = layers.LayerNorm(cfg.hidden_size, **norm) if index > 0 else None
         self.attn = ModernBertAttention(cfg, cfg.options["layer_types"][index], rngs=rngs,
                                         dtype=dtype, param_dtype=param_dtype)
@@ -129,7 +130,8 @@ class ModernBertEncoder(nnx.Module):
                                                 param_dtype=param_dtype)
                                 for i in range(cfg.num_layers)])
         self.final_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
-                                           use_bias=cfg.options["norm_bias"], dtype=dtype,
+                                           use_bias=cfg.options["norm_bias"],
+                                           dtype=layers.RESIDUAL_DTYPE,
                                            param_dtype=param_dtype)
         self.remat = remat
 

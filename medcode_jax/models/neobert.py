@@ -81,7 +81,7 @@ class NeoBertLayer(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype,
                  param_dtype: jnp.dtype):
-        norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        norm = dict(eps=cfg.layer_norm_eps, dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
         self.attention_norm = layers.RMSNorm(cfg.hidden_size, **norm)
         self.attn = NeoBertAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.mlp_norm = layers.RMSNorm(cfg.hidden_size, **norm)
@@ -107,8 +107,8 @@ class NeoBertEncoder(nnx.Module):
                                            rngs=rngs, param_dtype=param_dtype)
         self.layers = nnx.List([NeoBertLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.num_layers)])
-        self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype,
-                                         param_dtype=param_dtype)
+        self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                                         dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
         self.max_length = cfg.max_position_embeddings
         self.dtype = dtype
         self.remat = remat
@@ -118,7 +118,7 @@ class NeoBertEncoder(nnx.Module):
         if input_ids.shape[1] > self.max_length:
             raise ValueError(f"chunk length {input_ids.shape[1]} exceeds the model's max_length "
                              f"{self.max_length} (config.json); use a smaller chunk size")
-        x = self.tok_embeddings(input_ids).astype(self.dtype)
+        x = self.tok_embeddings(input_ids).astype(layers.RESIDUAL_DTYPE)
         x = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
                               remat=self.remat)
         return self.final_norm(x)
