@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -396,3 +397,23 @@ def test_bf16_forward_matches_fp32_and_torch_autocast(family, modernbert, neober
     print(f"{family}: bf16 vs fp32 {vs_fp32:.4f}, vs torch autocast {vs_autocast:.4f}")
     assert 0 < vs_fp32 < BF16_VS_FP32_TOL, vs_fp32  # > 0: the bf16 path really ran in bf16
     assert vs_autocast < BF16_VS_AUTOCAST_TOL, vs_autocast
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_cudnn_attention_traces_with_a_padding_mask(monkeypatch, window):
+    """The cuDNN path's shape checks run at trace time: with the version checks stubbed (no
+    GPU here), `self_attention(backend="cudnn")` must trace for global and local layers. (It
+    failed for global layers: cuDNN needs the mask as a [N, 1, c, c] bias, not [N, 1, 1, c].)"""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    from medcode_jax.models import layers
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    q = jax.ShapeDtypeStruct((2, 128, 4, 32), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+    dropout = nnx.Dropout(0.0, rngs=nnx.Rngs(0))
+    out = jax.eval_shape(lambda q, k, v, m: layers.self_attention(
+        q, k, v, m, window=window, backend="cudnn", dropout=dropout, deterministic=True),
+        q, q, q, mask)
+    assert out.shape == (2, 128, 4, 32)

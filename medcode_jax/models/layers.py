@@ -280,6 +280,10 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
         bias = jnp.where(keep, 0.0, MASK_VALUE).astype(jnp.float32)
         return dot_product_attention(q, k, v, bias, dropout=dropout, deterministic=deterministic)
     local = None if window is None or fold_window else (window, window)
+    if backend == "cudnn":
+        # cuDNN turns the mask into a bias that must be [N, 1, c, c] (a [N, 1, 1, c] key mask
+        # is rejected: "Bias must have same seq length as QKV").
+        keep = jnp.broadcast_to(keep, (keep.shape[0], 1, c, c))
     return jax.nn.dot_product_attention(q, k, v, mask=keep, local_window_size=local,
                                         implementation=backend)
 
