@@ -59,10 +59,23 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def _multiprocess_env() -> bool:
-    """A coordinator address, or a launcher (SLURM, Open MPI, TPU pod) with several processes."""
+    """A coordinator address, or a launcher that started several processes of this step.
+
+    SLURM: `SLURM_STEP_NUM_TASKS` (set by srun for the tasks of a step), not `SLURM_NTASKS`,
+    which the batch script itself also sees while running as one process. Open MPI: only the
+    versions JAX detects (<= 4, `OMPI_MCA_orte_hnp_uri`); Open MPI 5 gets an error naming the
+    flags to pass. TPU pod slices are found through the metadata server, which this check cannot
+    see: launch/tpu_vm.sh passes --multihost=yes.
+    """
     env = os.environ
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 and not env.get("OMPI_MCA_orte_hnp_uri") \
+            and not env.get("JAX_COORDINATOR_ADDRESS") and not _COORDINATOR.value:
+        raise app.UsageError(
+            "Open MPI started several processes but JAX cannot detect Open MPI 5: pass "
+            f"--coordinator_address=<host of rank 0>:<port> --num_processes="
+            f"{env['OMPI_COMM_WORLD_SIZE']} --process_id=$OMPI_COMM_WORLD_RANK")
     return bool(env.get("JAX_COORDINATOR_ADDRESS")
-                or int(env.get("SLURM_NTASKS", "1")) > 1
+                or int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
                 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
                 or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 

@@ -10,6 +10,7 @@ threshold, up to `max_codes`). The output is written where the user asks, never 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -102,8 +103,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
                              "for multi-host prediction")
         batches = _text_batches(run, input_spec, tokenizer)
     count = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as out:
+    writer = jax.process_index() == 0  # only process 0 writes (all take part in the steps)
+    if writer:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp"
+    with (open(tmp, "w", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
         for batch in batches:
             inputs = input_pipeline.to_global(
                 {k: batch[k] for k in ("input_ids", "attention_mask")}, run.mesh)
@@ -111,8 +115,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
             results = [train.host_rows(x) for x in outputs]
             host = {k: train.host_rows(batch[k]) if jax.process_count() > 1 else batch[k]
                     for k in ("input_ids", "valid", "doc_ids")}
-            if jax.process_index() == 0:
+            if writer:
                 count += _write(out, results, host, run, tokenizer, threshold)
+    if writer:
+        os.replace(tmp, output)  # never a half-written predictions file
     return count
 
 

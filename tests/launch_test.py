@@ -418,3 +418,28 @@ def test_tpu_script_requires_name_zone_and_a_known_command(tmp_path):
     assert out.returncode != 0 and "usage" in out.stderr
     stop = _bash(TPU, "stop", env=_env(bin_dir, NAME="n", ZONE="z", DRY_RUN="1")).stdout
     assert "pkill" in shlex.split(stop)[-1] and "--worker=all" in stop
+
+
+def test_multihost_auto_detection(monkeypatch):
+    """--multihost=auto starts jax.distributed only for several processes of one step: a SLURM
+    batch script (SLURM_NTASKS > 1, one process) is not one; Open MPI 5 gets an error."""
+    from absl import app, flags
+
+    from medcode_jax import main as entry
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+                 "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert not entry._multiprocess_env()
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # the batch step of an 8-task job
+    assert not entry._multiprocess_env()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # a task started by srun
+    assert entry._multiprocess_env()
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(app.UsageError, match="--coordinator_address"):
+        entry._multiprocess_env()
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1234.0;tcp://10.0.0.1:5000")  # Open MPI <= 4
+    assert entry._multiprocess_env()
