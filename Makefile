@@ -7,7 +7,7 @@ DEMO_RAW    ?= data/demo/raw
 DEMO_SHARDS ?= data/demo/icd10
 DEMO_RUN    ?= runs/demo_plmrr
 
-.PHONY: venv demo demo-plmca demo-data test clean-demo
+.PHONY: venv demo demo-plmca demo-plmicd demo-data test clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +39,11 @@ demo: demo-data
 demo-plmca: demo-data
 	$(PY) -m medcode_jax.main --config=configs/plmca.py:demo --workdir=runs/demo_plmca
 
+demo-plmicd: demo-data
+	$(PY) -m medcode_jax.main --config=configs/plmicd.py:demo --workdir=runs/demo_plmicd
+
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:
-	rm -rf data/demo $(DEMO_RUN) runs/demo_plmca
+	rm -rf data/demo $(DEMO_RUN) runs/demo_plmca runs/demo_plmicd

@@ -117,6 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 20
     # Peak AdamW learning rate.
     c.train.learning_rate = 5e-5
+    # The label head's learning rate as a multiple of learning_rate (1.0 in the references).
+    c.train.head_lr_multiplier = 1.0
     # AdamW betas and epsilon (PyTorch defaults, as in the reference).
     c.train.b1 = 0.9
     c.train.b2 = 0.999

@@ -18,6 +18,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = plmca.get_config(arg)  # same fields, commented in configs/common.py
     c.model.head = "laat"
     c.model.unmasked_padding = "sigir2023"  # with mask_padding=False: the SIGIR collate's padding
+    if variant == "demo":
+        # LAAT's attention sharpens only through per-code parameters (tanh bounds the shared
+        # projection), so on 915 demo notes it stays near uniform for a long time (README,
+        # "PLM-ICD on the demo"): small batches for more updates, the head at 10x the encoder's
+        # learning rate, 12 epochs.
+        c.train.global_batch_size = 4
+        c.train.micro_batch_size = 4
+        c.train.head_lr_multiplier = 10.0
+        c.train.num_epochs = 12
+        c.train.patience = 12
+        c.train.log_every_steps = 50
     if variant in ("", "icd9"):
         # placeholder: shards prepared with the sigir2023 recipe
         c.data.dir = f"data/mimiciv_{variant or 'icd10'}_sigir"

@@ -113,7 +113,7 @@ def plan(config: ml_collections.ConfigDict, *, num_labels: int | None = None) ->
     ds = _open_data(config, enc_cfg, num_labels)
     t = config.train
     tx = steps.make_optimizer(b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
-                              clip_norm=t.clip_norm)
+                              clip_norm=t.clip_norm, head_lr_multiplier=t.head_lr_multiplier)
     frozen = heads.frozen_param_filter(freeze_label_queries=config.model.freeze_label_queries)
     trainable = nnx.All(nnx.Param, nnx.Not(frozen))
 

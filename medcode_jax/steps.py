@@ -14,10 +14,9 @@ one jitted step per distinct value (e.g. per bucket of distinct descriptions).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
-
-import dataclasses
 
 import flax.struct
 import jax
@@ -125,14 +124,34 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup: int) -> optax.
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+HEAD_MODULE = "label_wise_attention"  # PLM-ICD / PLM-CA head (the reference's attribute name)
+
+
 def make_optimizer(*, b1: float, b2: float, eps: float, weight_decay: float,
-                   clip_norm: float) -> optax.GradientTransformation:
+                   clip_norm: float, head_lr_multiplier: float = 1.0
+                   ) -> optax.GradientTransformation:
     """AdamW *without* the learning rate (applied by the step from its own counter, so the
-    schedule keeps moving when an update is skipped, as PyTorch's scheduler does)."""
+    schedule keeps moving when an update is skipped, as PyTorch's scheduler does).
+
+    `head_lr_multiplier` != 1 scales the updates of the label head's parameters (those under
+    `label_wise_attention`): the head trains at that multiple of the scheduled learning rate,
+    the encoder at the rate itself (the references use one rate: 1.0)."""
+    if head_lr_multiplier <= 0:
+        raise ValueError(f"config.train.head_lr_multiplier must be > 0, got {head_lr_multiplier}")
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
     parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
               optax.add_decayed_weights(weight_decay)]  # explicit, 0 in the recipes
+    if head_lr_multiplier != 1.0:
+        parts.append(optax.masked(optax.scale(head_lr_multiplier), _head_mask))
     return optax.chain(*parts)
+
+
+def _head_mask(params: Any) -> Any:
+    """True for the leaves under the label head (`HEAD_MODULE`)."""
+    def under_head(path, _):
+        return any(getattr(k, "key", getattr(k, "name", None)) == HEAD_MODULE for k in path)
+
+    return jax.tree_util.tree_map_with_path(under_head, params)
 
 
 def bce_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:

@@ -240,7 +240,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                                     warmup_fraction=t.warmup_fraction)
     schedule = steps.learning_rate_schedule(t.learning_rate, total_steps, warmup)
     tx = steps.make_optimizer(b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
-                              clip_norm=t.clip_norm)
+                              clip_norm=t.clip_norm, head_lr_multiplier=t.head_lr_multiplier)
     frozen = heads.frozen_param_filter(freeze_label_queries=config.model.freeze_label_queries)
     trainable = nnx.All(nnx.Param, nnx.Not(frozen))
 
@@ -395,7 +395,19 @@ def _write_predictions(out, probs: np.ndarray, host: dict[str, np.ndarray],
 def _meta(run: Run, progress: dict) -> dict:
     tok = run.ds.metadata.get("tokenizer") or {}
     return {**progress, "label_space": run.ds.label_space,
-            "tokenizer_sha256": tok.get("sha256"), "tokenizer_name": tok.get("name")}
+            "tokenizer_sha256": tok.get("sha256"), "tokenizer_name": tok.get("name"),
+            "head_lr_multiplier": float(run.config.train.head_lr_multiplier)}
+
+
+def _check_optimizer(run: Run, meta: dict | None, workdir: str) -> None:
+    """The optimiser state's structure depends on train.head_lr_multiplier (1.0 or not):
+    refuse a checkpoint written with the other kind before Orbax fails on the tree."""
+    saved = (meta or {}).get("head_lr_multiplier", 1.0)
+    ours = float(run.config.train.head_lr_multiplier)
+    if (saved == 1.0) != (ours == 1.0):
+        raise ValueError(
+            f"{workdir} was trained with config.train.head_lr_multiplier={saved}, this config "
+            f"has {ours}: pass --config.train.head_lr_multiplier={saved} to load it")
 
 
 def _check_resume(run: Run, meta: dict, workdir: str) -> None:
@@ -471,6 +483,7 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
     progress = {"best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "stopped": False}
     if ckpt.latest_step() is not None:
         meta = ckpt.restore_meta()
+        _check_optimizer(run, meta, workdir)
         _check_resume(run, meta, workdir)
         run.state, data_state, meta = ckpt.restore(run.abstract_state)
         train_iter.set_state(data_state)
@@ -597,6 +610,7 @@ def _validate(run: Run, evaluator: Evaluator, writer: writers.MetricWriter, step
 def restore_best(run: Run, ckpt: checkpointing.Checkpointer) -> None:
     """Load the best (else the latest) checkpoint into `run`, refusing other data."""
     best = ckpt.best_step() is not None
+    _check_optimizer(run, ckpt.restore_meta(best=best), str(ckpt.latest.directory))
     run.state, _, meta = ckpt.restore(run.abstract_state, best=best)
     _check_resume(run, meta, str(ckpt.latest.directory))
 

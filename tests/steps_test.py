@@ -126,3 +126,19 @@ def test_eval_step_returns_probabilities():
     probs = jax.jit(steps.make_eval_step(graphdef))(state.params, state.frozen, rest, _batch(4))
     assert probs.shape == (4, C) and probs.dtype == jnp.float32
     assert bool(jnp.all((probs >= 0) & (probs <= 1)))
+
+
+def test_head_lr_multiplier_scales_only_the_head():
+    """`head_lr_multiplier`: the label head's updates are that multiple of the others'."""
+    params = {"encoder": {"w": jnp.ones((3,))},
+              steps.HEAD_MODULE: {"q": jnp.ones((2,)), "out": {"b": jnp.ones(())}}}
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    plain = steps.make_optimizer(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+    scaled = steps.make_optimizer(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=0.0,
+                                  head_lr_multiplier=10.0)
+    u1, _ = plain.update(grads, plain.init(params), params)
+    u10, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(u10["encoder"]["w"], u1["encoder"]["w"])
+    np.testing.assert_allclose(u10[steps.HEAD_MODULE]["q"], 10 * u1[steps.HEAD_MODULE]["q"])
+    np.testing.assert_allclose(u10[steps.HEAD_MODULE]["out"]["b"],
+                               10 * u1[steps.HEAD_MODULE]["out"]["b"])

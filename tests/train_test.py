@@ -167,6 +167,15 @@ def test_resume_refuses_another_label_space(trained, assets, tmp_path):
         train.train_and_evaluate(tiny_config(assets), other)
 
 
+def test_loading_with_another_head_lr_multiplier_says_which(trained, assets):
+    """The optimiser state differs with head_lr_multiplier != 1: a clear error, not Orbax's."""
+    from medcode_jax import train
+
+    workdir, _ = trained
+    with pytest.raises(ValueError, match="head_lr_multiplier=1.0"):
+        train.load_trained(tiny_config(assets, head_lr_multiplier=10.0), workdir)
+
+
 def _main(argv: list[str], monkeypatch, **later: str) -> None:
     """Run medcode_jax.main in this process: flags parsed once (config overrides are read from
     sys.argv and can be defined only once per process), then `later` flags set by name."""

@@ -137,10 +137,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     compute dtype of ``v`` for the value product. Returns ``[N, c, heads, head_dim]``.
     """
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+    # Heads-major [N, heads, c, head_dim] operands: batched dots with the batch dimensions
+    # leading and contiguous (3x faster forward on XLA:CPU than contracting the [N, c, heads,
+    # head_dim] layout directly; the same on accelerators, where XLA picks layouts itself).
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    scores = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores * scale + bias, axis=-1)
     probs = dropout(probs, deterministic=deterministic).astype(v.dtype)
-    return jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+    return jnp.swapaxes(jnp.einsum("nhqk,nhkd->nhqd", probs, v), 1, 2)
 
 
 class RMSNorm(nnx.Module):
