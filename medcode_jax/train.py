@@ -402,7 +402,9 @@ def _meta(run: Run, progress: dict) -> dict:
 def _check_optimizer(run: Run, meta: dict | None, workdir: str) -> None:
     """The optimiser state's structure depends on train.head_lr_multiplier (1.0 or not):
     refuse a checkpoint written with the other kind before Orbax fails on the tree."""
-    saved = (meta or {}).get("head_lr_multiplier", 1.0)
+    if "head_lr_multiplier" not in (meta or {}):
+        return  # written before the field existed: let Orbax compare the trees
+    saved = meta["head_lr_multiplier"]
     ours = float(run.config.train.head_lr_multiplier)
     if (saved == 1.0) != (ours == 1.0):
         raise ValueError(
