@@ -73,7 +73,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -167,18 +166,9 @@ def model_flops(p: dict, batch: dict[str, np.ndarray]) -> dict[str, float]:
 
 def timed(fn, *, steps: int, warmup: int) -> dict:
     """First call (compilation / library warm-up included), ``warmup - 1`` more untimed calls,
-    then ``steps`` timed calls; each call must return only when the device is done."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    med = statistics.median(times)
+    then ``steps`` timed calls (``rerank_step._median_time``); each call must return only when
+    the device is done."""
+    med, times, first = rerank_step._median_time(fn, steps=steps, warmup=warmup)  # noqa: SLF001
     return {"median_s": med, "times_s": times, "first_s": first, "min_s": min(times)}
 
 
