@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.bucket_multiple = 8
     # Maximum document length in tokens; must equal the shards' max_length.
     c.data.max_length = 6000
+    # Evidence annotations per batch (datasets prepared with evidence, e.g. MDACE or the demo
+    # corpus): up to this many (code, evidence tokens) slots per document go into the batch as
+    # `evidence_codes` [B, E] / `evidence_mask` [B, E, T]; 0 = do not load evidence.
+    c.data.max_evidence_codes = 0
 
     c.encoder = ml_collections.ConfigDict()
     # Local Hugging Face folder (config.json + model.safetensors + tokenizer files).
