@@ -28,7 +28,8 @@ $(DEMO_RAW)/.complete: | $(STAMP)
 $(DEMO_SHARDS)/metadata.json: $(DEMO_RAW)/.complete
 	$(PY) -m data_prep.mimiciv --mimic-dir $(DEMO_RAW) --out $(DEMO_SHARDS) \
 	    --split-file $(DEMO_RAW)/mimiciv_icd10_split.feather --tokenizer demo:minilm \
-	    --icd-version 10 --max-length 512 --min-code-count 10
+	    --icd-version 10 --max-length 512 --min-code-count 10 \
+	    --evidence $(DEMO_RAW)/evidence.jsonl
 
 demo-data: $(DEMO_SHARDS)/metadata.json
 

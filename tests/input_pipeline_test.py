@@ -232,3 +232,108 @@ def test_reserve_tokens_leaves_room_for_the_reference_extra_chunk(ds):
         assert batch["input_ids"].shape[1] >= longest + 1
         need = -(-(longest + 1) // CHUNK)
         assert batch["input_ids"].shape[1] // CHUNK == min(b for b in BUCKETS if b >= need)
+
+
+# --------------------------------------------------------------------------- evidence
+
+E = 3  # max_evidence_codes: with_evidence gives documents up to 6 codes, so some are dropped
+
+
+@pytest.fixture(scope="module")
+def ds_ev(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline_ev") / "ds"
+    write_synthetic(out, sizes={"train": 44, "val": 13}, evidence=True)
+    return shards.open_dataset(out)
+
+
+def expected_evidence(ex, e):
+    labels, pos, kinds = (np.asarray(ex.get(k, np.zeros(0, np.int32)), np.int64)
+                          for k in shards.EVIDENCE_FIELDS)
+    codes = np.unique(labels[(kinds == 0) & (labels >= 0)])
+    return codes[:e], max(codes.size - e, 0), labels, pos, kinds
+
+
+def check_evidence_batch(batch, src, by_id, e):
+    b, width = batch["input_ids"].shape
+    assert batch["evidence_codes"].shape == (b, e) and batch["evidence_codes"].dtype == np.int32
+    assert batch["evidence_mask"].shape == (b, e, width) and batch["evidence_mask"].dtype == np.int8
+    assert batch["distractor_mask"].shape == (b, width)
+    assert batch["distractor_mask"].dtype == np.int8
+    dropped = 0
+    for row in range(b):
+        doc = int(batch["doc_ids"][row])
+        if doc < 0:  # filler
+            assert (batch["evidence_codes"][row] == -1).all()
+            assert not batch["evidence_mask"][row].any() and not batch["distractor_mask"][row].any()
+            continue
+        codes, extra, labels, pos, kinds = expected_evidence(src[by_id[doc]], e)
+        dropped += extra
+        got = batch["evidence_codes"][row]
+        np.testing.assert_array_equal(got[:codes.size], codes)
+        assert (got[codes.size:] == -1).all()
+        for j in range(e):
+            want = np.zeros(width, np.int8)
+            if j < codes.size:
+                want[pos[(kinds == 0) & (labels == codes[j])]] = 1
+                assert want.any()
+            np.testing.assert_array_equal(batch["evidence_mask"][row, j], want)
+        want = np.zeros(width, np.int8)
+        want[pos[kinds == 1]] = 1
+        np.testing.assert_array_equal(batch["distractor_mask"][row], want)
+        assert not batch["distractor_mask"][row, batch["lengths"][row]:].any()
+    return dropped
+
+
+def test_evidence_batch_fields(ds_ev):
+    for split in ("train", "val"):
+        src = ds_ev.source(split)
+        by_id = {int(src[i]["_id"]): i for i in range(len(src))}
+        batches = take(train_iter(ds_ev, split=split, max_evidence_codes=E),
+                       ip.steps_per_epoch(ds_ev, split, GLOBAL_B))
+        batches += list(ip.make_eval_batches(ds_ev, split, global_batch_size=GLOBAL_B,
+                                             chunk_size=CHUNK, buckets=BUCKETS,
+                                             max_evidence_codes=E))
+        assert any((b["doc_ids"] < 0).any() for b in batches)  # filler rows are checked too
+        dropped = sum(check_evidence_batch(b, src, by_id, E) for b in batches)
+        assert dropped > 0
+        # without E the batches are as before
+        plain = next(ip.make_eval_batches(ds_ev, split, global_batch_size=GLOBAL_B,
+                                          chunk_size=CHUNK, buckets=BUCKETS))
+        assert not set(ip.EVIDENCE_KEYS) & set(plain)
+
+
+def test_evidence_dropped_codes_counted_and_logged_once(ds_ev, caplog):
+    import pickle
+
+    src = ds_ev.source("train")
+    load = ip._LoadAndPad(src, chunk_size=CHUNK, num_labels=NUM_LABELS,
+                          pad_id=ds_ev.pad_token_id, max_evidence_codes=1)
+    want = sum(expected_evidence(src[i], 1)[1] for i in range(8))
+    with caplog.at_level("WARNING"):
+        load((np.arange(8), 16))
+        load((np.arange(8), 16))
+    assert load.dropped_evidence_codes == 2 * want > 0
+    assert caplog.text.count("max_evidence_codes=1") == 1
+    assert pickle.loads(pickle.dumps(load)).max_evidence_codes == 1  # for worker processes
+
+
+def test_evidence_requested_without_evidence_is_refused(ds):
+    for make in (lambda: train_iter(ds, max_evidence_codes=2),
+                 lambda: ip.make_eval_batches(ds, "val", global_batch_size=GLOBAL_B,
+                                              chunk_size=CHUNK, buckets=BUCKETS,
+                                              max_evidence_codes=2)):
+        with pytest.raises(ValueError, match="max_evidence_codes=2") as err:
+            make()
+        assert str(ds.path) in str(err.value) and "--evidence" in str(err.value)
+
+
+def test_evidence_to_global(ds_ev):
+    batch = next(train_iter(ds_ev, max_evidence_codes=E))
+    n = 2 if jax.device_count() >= 2 else 1
+    mesh = jax.make_mesh((n, 1), ("data", "fsdp"), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    arrays = ip.to_global(batch, mesh)
+    for k in ip.EVIDENCE_KEYS:
+        assert arrays[k].dtype == batch[k].dtype and arrays[k].shape == batch[k].shape
+        assert arrays[k].sharding.spec == PartitionSpec(("data", "fsdp"))
+        np.testing.assert_array_equal(np.asarray(arrays[k]), batch[k])

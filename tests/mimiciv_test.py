@@ -7,6 +7,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -633,3 +634,113 @@ def test_cli_compat_default_off_and_recipe_clash(tmp_path, tok_dir, capsys):
         mimiciv.parse_args(["--mimic-dir", "m", "--out", "o", "--tokenizer", "t",
                             "--compat", "emc", "--recipe", "sigir2023"])
     assert "--compat emc reproduces the emnlp2024 recipe" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --evidence
+
+
+@pytest.fixture(scope="module")
+def demo_raw(tmp_path_factory):
+    from data_prep import demo_corpus
+
+    out = tmp_path_factory.mktemp("demo_ev") / "raw"
+    demo_corpus.generate(out, num_admissions=60, seed=1, words_median=40)
+    return out
+
+
+def _evidence_args(raw, out, tok_dir, *extra):
+    return ["--mimic-dir", raw, "--out", out, "--tokenizer", tok_dir,
+            "--split-file", raw / "mimiciv_icd10_split.feather", "--min-code-count", 2,
+            "--max-length", 256, "--batch-size", 7, *extra]
+
+
+def test_cli_evidence_end_to_end(demo_raw, tmp_path, tok_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from data_prep import evidence as ev
+    from data_prep import shards
+
+    out = tmp_path / "icd10"
+    code, err = _run(capsys, *_evidence_args(demo_raw, out, tok_dir, "--evidence",
+                                             demo_raw / "evidence.jsonl"))
+    assert code == 0, err
+    ds = shards.open_dataset(out)
+    meta = ds.metadata
+    assert ds.has_evidence and meta["evidence"] is True
+    counts = meta["evidence_counts"]
+    docs = sum(meta["counts"][s]["documents"] for s in ("train", "val", "test"))
+    assert counts["documents"] == counts["documents_with_annotations"] == docs
+    assert counts["annotated_admissions_not_in_dataset"] > 0          # the ICD-9 admissions
+    assert counts["evidence_spans_truncated"] > 0 and counts["evidence_spans_mapped"] > 0
+    assert counts["evidence_spans_code_not_in_label_space"] > 0      # rare codes filtered
+    assert counts["annotations_of_other_notes"] == 0
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    notes = pd.read_csv(demo_raw / "mimic-iv-note/2.2/note/discharge.csv.gz", dtype=str,
+                        keep_default_na=False, na_values=[""]).dropna(subset=["text"])
+    text_of = dict(zip(notes.drop_duplicates("hadm_id")["hadm_id"].astype(int),
+                       notes.drop_duplicates("hadm_id")["text"]))
+    annotations = ev.load_annotations(demo_raw / "evidence.jsonl")
+    index = {c: i for i, c in enumerate(ds.label_space)}
+    seen_evidence = seen_distractor = 0
+    for split in ("train", "val", "test"):
+        src = ds.source(split)
+        for i in range(len(src)):
+            ex = src[i]
+            text = text_of[int(ex["_id"])]
+            enc = ev.encode(tok, [text], 256)[0]
+            np.testing.assert_array_equal(ex["input_ids"], mimiciv.tokenize(tok, [text], 256)[0])
+            np.testing.assert_array_equal(ex["input_ids"], enc.input_ids)
+            labels, pos, kinds = ds.evidence(split, i)
+            anns = annotations[int(ex["_id"])]
+            # every triple's token overlaps an annotated span of that code and kind
+            for label, p, kind in zip(labels.tolist(), pos.tolist(), kinds.tolist()):
+                s, t = enc.offsets[p]
+                assert enc.special[p] == 0 and 0 < p < len(enc.input_ids) - 1
+                assert any(a.begin < t and a.end > s and a.kind == ev.KINDS[kind]
+                           and index.get(a.label_code, -1) == label for a in anns)
+            # evidence codes are targets; every code with evidence before the cut is there
+            assert set(labels[kinds == 0].tolist()) <= set(ex["label_ids"].tolist())
+            last = enc.offsets[enc.special == 0][:, 1].max()
+            want = {index[a.label_code] for a in anns
+                    if a.kind == "evidence" and a.label_code in index and a.begin < last}
+            assert set(labels[kinds == 0].tolist()) == want
+            seen_evidence += int((kinds == 0).sum())
+            seen_distractor += int((kinds == 1).sum())
+    assert seen_evidence > 100 and seen_distractor > 10
+
+
+def test_cli_evidence_refusals_and_bad_annotations(demo_raw, tmp_path, tok_dir, capsys):
+    from data_prep import evidence as ev
+
+    path = demo_raw / "evidence.jsonl"
+    for extra in (("--recipe", "sigir2023"), ("--compat", "sigir2023")):
+        with pytest.raises(SystemExit) as exc:
+            mimiciv.parse_args([str(a) for a in _evidence_args(
+                demo_raw, tmp_path / "x", tok_dir, "--evidence", path, *extra)])
+        assert exc.value.code == 2
+        assert "--evidence needs --recipe emnlp2024" in capsys.readouterr().err
+    # offsets that do not match the note: exit 2, file and record named, nothing written
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r["notes"][0]["annotations"][0]["begin"] += 1
+    ev.write_jsonl(tmp_path / "bad.jsonl", records)
+    code, err = _run(capsys, *_evidence_args(demo_raw, tmp_path / "o", tok_dir, "--evidence",
+                                             tmp_path / "bad.jsonl"))
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert re.search(r"bad.jsonl: line \d+: notes\[0\].annotations\[0\]: covered_text", err)
+    records[1]["notes"][0]["annotations"][1]["begin"] = "12"
+    ev.write_jsonl(tmp_path / "bad2.jsonl", records)
+    code, err = _run(capsys, *_evidence_args(demo_raw, tmp_path / "o2", tok_dir, "--evidence",
+                                             tmp_path / "bad2.jsonl"))
+    assert code == 2 and "bad2.jsonl: line 2: notes[0].annotations[1]: begin='12'" in err
+    # annotations of another note of the admission are counted, not mapped
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r["notes"][0]["note_id"] = "0-DS-0"
+    ev.write_jsonl(tmp_path / "other.jsonl", records)
+    code, err = _run(capsys, *_evidence_args(demo_raw, tmp_path / "o3", tok_dir, "--evidence",
+                                             tmp_path / "other.jsonl"))
+    assert code == 0, err
+    counts = json.loads((tmp_path / "o3" / "metadata.json").read_text())["evidence_counts"]
+    assert counts["annotations_of_other_notes"] > 0 and "evidence_spans" not in counts

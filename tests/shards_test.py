@@ -29,12 +29,43 @@ def synthetic_examples(n: int, seed: int, first_id: int = 1000) -> Iterator[dict
                "length": length, "label_ids": labels.astype(np.int32)}
 
 
+def with_evidence(examples: Iterator[dict], seed: int) -> Iterator[dict]:
+    """The examples plus evidence triples: up to 6 codes (mostly targets) with 1-8 token
+    positions each, 0-3 distractor tokens (label -1 or a label); every 5th example has none
+    (no evidence keys at all)."""
+    for i, ex in enumerate(examples):
+        if i % 5 == 4:
+            yield ex
+            continue
+        rng = np.random.default_rng([seed, i])
+        n = int(ex["length"])
+        pool = np.union1d(ex["label_ids"], rng.choice(NUM_LABELS, 1))
+        codes = rng.choice(pool, min(int(rng.integers(0, 7)), pool.size), replace=False)
+        labels, positions, kinds = [], [], []
+        for c in codes:
+            pos = rng.choice(np.arange(1, n - 1), min(int(rng.integers(1, 9)), n - 2),
+                             replace=False)
+            labels += [int(c)] * pos.size
+            positions += pos.tolist()
+            kinds += [0] * pos.size
+        for _ in range(int(rng.integers(0, 4))):
+            labels.append(int(rng.choice([-1, int(rng.integers(0, NUM_LABELS))])))
+            positions.append(int(rng.integers(1, n - 1)))
+            kinds.append(1)
+        yield {**ex, "evidence_label_ids": np.array(labels, np.int32),
+               "evidence_positions": np.array(positions, np.int32),
+               "evidence_kinds": np.array(kinds, np.int8)}
+
+
 def write_synthetic(out: str | os.PathLike, sizes: dict[str, int] | None = None,
-                    **kwargs) -> None:
-    """A small prepared dataset (train/val/test) written with write_dataset from generators."""
+                    evidence: bool = False, **kwargs) -> None:
+    """A small prepared dataset (train/val/test) written with write_dataset from generators
+    (``evidence``: with the triples of ``with_evidence``)."""
     sizes = sizes or {"train": 300, "val": 60, "test": 45}
     splits = {s: synthetic_examples(n, seed, first_id=100_000 * k)
               for k, (s, n), seed in zip(range(1, 4), sizes.items(), (0, 1, 2))}
+    if evidence:
+        splits = {s: with_evidence(ex, seed) for (s, ex), seed in zip(splits.items(), (0, 1, 2))}
     kwargs.setdefault("tokenizer_dir", tiny_tokenizer_dir("wordpiece"))
     rng = np.random.default_rng(9)
     desc_ids = rng.integers(0, 300, (NUM_LABELS, 64)).astype(np.int32)
@@ -42,7 +73,7 @@ def write_synthetic(out: str | os.PathLike, sizes: dict[str, int] | None = None,
     shards.write_dataset(
         out, split_examples=splits,
         metadata={"name": "synthetic", "recipe": "emnlp2024", "icd_version": 10,
-                  "max_length": MAX_LENGTH, "prep_config": {"seed": 0}},
+                  "max_length": MAX_LENGTH, "prep_config": {"seed": 0}, "evidence": evidence},
         label_space=LABEL_SPACE, descriptions=[f"description {c}" for c in LABEL_SPACE],
         description_ids=desc_ids, description_mask=desc_mask, **kwargs)
 
@@ -207,3 +238,56 @@ def test_large_split_spills_to_disk_without_tensorflow(tmp_path, monkeypatch):
         assert int(source[i]["_id"]) == expected[i]["_id"]
         np.testing.assert_array_equal(source[i]["input_ids"], expected[i]["input_ids"])
     assert "tensorflow" not in sys.modules
+
+
+def test_evidence_round_trip(tmp_path, dataset_dir):
+    calls = []
+
+    def late():
+        calls.append(1)
+        return {"evidence_counts": {"spans": 7}}
+
+    write_synthetic(tmp_path / "ev", sizes={"train": 30, "val": 10}, evidence=True,
+                    late_metadata=late)
+    ds = shards.open_dataset(tmp_path / "ev")
+    assert ds.has_evidence and ds.metadata["evidence_counts"] == {"spans": 7} and calls == [1]
+    for split, n, seed, first in (("train", 30, 0, 100_000), ("val", 10, 1, 200_000)):
+        src = ds.source(split)
+        want = list(with_evidence(synthetic_examples(n, seed, first_id=first), seed))
+        assert any("evidence_kinds" not in w for w in want)
+        for i, w in enumerate(want):
+            got = src[i]
+            np.testing.assert_array_equal(got["input_ids"], w["input_ids"])
+            triples = ds.evidence(split, i)
+            for k, arr in zip(shards.EVIDENCE_FIELDS, triples):
+                np.testing.assert_array_equal(got[k], arr)
+                np.testing.assert_array_equal(arr, w.get(k, np.zeros(0)))
+            assert [a.dtype for a in triples] == [np.int32, np.int32, np.int8]
+    # a dataset without evidence reads as before, without the keys
+    plain = shards.open_dataset(dataset_dir)
+    assert not plain.has_evidence and set(plain.source("train")[0]) == {
+        "_id", "input_ids", "length", "label_ids"}
+    with pytest.raises(ValueError, match="without evidence.*--evidence"):
+        plain.evidence("train", 0)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"evidence_label_ids": [1], "evidence_positions": [9], "evidence_kinds": [0]},
+     r"token positions outside \[0, 5\)"),
+    ({"evidence_label_ids": [NUM_LABELS], "evidence_positions": [1], "evidence_kinds": [0]},
+     "label ids outside"),
+    ({"evidence_label_ids": [-1], "evidence_positions": [1], "evidence_kinds": [0]},
+     "evidence .kind 0. with label id -1"),
+    ({"evidence_label_ids": [1], "evidence_positions": [1], "evidence_kinds": [2]}, "kinds other"),
+    ({"evidence_label_ids": [1, 2], "evidence_positions": [1], "evidence_kinds": [0]},
+     "differ in length"),
+    ({"evidence_label_ids": [1]}, "not all of"),
+])
+def test_bad_evidence_is_named(tmp_path, fields, match):
+    bad = [{"_id": 7, "input_ids": np.arange(5), "label_ids": np.array([1]), **fields}]
+    with pytest.raises(ValueError, match=r"example #0 \(_id=7\).*" + match):
+        shards.write_dataset(
+            tmp_path / "ds", split_examples={"train": iter(bad)}, metadata={"evidence": True},
+            label_space=LABEL_SPACE, descriptions=[""] * NUM_LABELS,
+            description_ids=np.zeros((NUM_LABELS, 64), np.int32),
+            description_mask=np.zeros((NUM_LABELS, 64), np.int8), tokenizer_dir=None)
