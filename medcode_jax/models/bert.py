@@ -64,7 +64,10 @@ class BertEmbeddings(nnx.Module):
         self.pad_token_id = cfg.pad_token_id
         self.max_positions = cfg.max_position_embeddings
 
-    def __call__(self, input_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, *, deterministic: bool,
+                 word_embeds: jax.Array | None = None) -> jax.Array:
+        """``word_embeds`` [N, c, D], if given, replaces the word-embedding lookup (positions
+        still come from ``input_ids``)."""
         if self.roberta_positions:
             positions = roberta_position_ids(input_ids, self.pad_token_id)
             needed = input_ids.shape[1] + self.pad_token_id + 1
@@ -75,7 +78,8 @@ class BertEmbeddings(nnx.Module):
             raise ValueError(
                 f"chunk length {input_ids.shape[1]} needs {needed} position embeddings but the "
                 f"model has max_position_embeddings={self.max_positions}; use a smaller chunk size")
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        words = self.word_embeddings(input_ids) if word_embeds is None else word_embeds
+        x = words + self.position_embeddings(positions)
         if self.token_type_embeddings is not None:
             x = x + self.token_type_embeddings.embedding[0]
         return self.dropout(self.layer_norm(x), deterministic=deterministic)
@@ -96,12 +100,17 @@ class BertAttention(nnx.Module):
         self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
         self.num_heads = cfg.num_heads
 
-    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool,
+                 return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         n, c, d = x.shape
         split = lambda t: t.reshape(n, c, self.num_heads, d // self.num_heads)  # noqa: E731
         out = layers.dot_product_attention(
             split(self.query(x)), split(self.key(x)), split(self.value(x)), bias,
-            dropout=self.attention_dropout, deterministic=deterministic)
+            dropout=self.attention_dropout, deterministic=deterministic,
+            return_probs=return_attention)
+        if return_attention:
+            out, probs = out
+            return self.output(out.reshape(n, c, d)), probs
         return self.output(out.reshape(n, c, d))
 
 
@@ -135,11 +144,15 @@ class BertLayer(nnx.Module):
                                          dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
         self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
-        a = self.attention(x, bias, deterministic=deterministic)
+    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool,
+                 return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        a = self.attention(x, bias, deterministic=deterministic, return_attention=return_attention)
+        if return_attention:
+            a, probs = a
         x = self.attention_norm(x + self.dropout(a, deterministic=deterministic))
         m = self.mlp(x)
-        return self.mlp_norm(x + self.dropout(m, deterministic=deterministic))
+        x = self.mlp_norm(x + self.dropout(m, deterministic=deterministic))
+        return (x, probs) if return_attention else x
 
 
 class BertEncoder(nnx.Module):
@@ -154,10 +167,30 @@ class BertEncoder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  deterministic: bool = True) -> jax.Array:
+        x = self.embed(input_ids, deterministic=deterministic)
+        return self.encode_embeddings(x, input_ids, attention_mask, deterministic=deterministic)
+
+    def word_embed(self, input_ids: jax.Array) -> jax.Array:
+        """Raw word-embedding table lookup ``[N, c] -> [N, c, D]``."""
+        return self.embeddings.word_embeddings(input_ids)
+
+    def embed(self, input_ids: jax.Array, *, deterministic: bool = True,
+              word_embeds: jax.Array | None = None) -> jax.Array:
+        """The embedding block's output ``[N, c, D]`` (word + position + type -> LN -> dropout);
+        ``word_embeds`` replaces the word lookup (positions still come from ``input_ids``)."""
+        return self.embeddings(input_ids, deterministic=deterministic, word_embeds=word_embeds)
+
+    def encode_embeddings(self, x: jax.Array, input_ids: jax.Array | None,
+                          attention_mask: jax.Array, *, deterministic: bool = True,
+                          return_attentions: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """The layers on the embedding output ``x [N, c, D]`` -> hidden ``[N, c, D]`` (and, with
+        ``return_attentions``, the fp32 self-attention probabilities ``[L, N, H, c, c]``).
+        ``input_ids`` is not needed by this family (may be None)."""
+        del input_ids
         bias = layers.attention_bias(attention_mask)
-        x = self.embeddings(input_ids, deterministic=deterministic)
         return layers.run_layers(self.layers, x, bias, deterministic=deterministic,
-                                 remat=self.remat)
+                                 remat=self.remat, return_attentions=return_attentions)
 
 
 # --- config.json <-> EncoderConfig fields -------------------------------------------------------

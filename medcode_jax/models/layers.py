@@ -129,12 +129,14 @@ def attention_bias(attention_mask: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
-                          dropout: nnx.Dropout, deterministic: bool) -> jax.Array:
+                          dropout: nnx.Dropout, deterministic: bool,
+                          return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Scaled dot-product attention over ``[N, c, heads, head_dim]`` inputs.
 
     Scores are accumulated in fp32, ``bias`` (broadcastable to ``[N, heads, c, c]``) is added in
     fp32 and the softmax runs in fp32; the probabilities (after dropout) are cast back to the
-    compute dtype of ``v`` for the value product. Returns ``[N, c, heads, head_dim]``.
+    compute dtype of ``v`` for the value product. Returns ``[N, c, heads, head_dim]``, and with
+    ``return_probs`` also the fp32 probabilities ``[N, heads, c, c]`` (before dropout).
     """
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
     # Heads-major [N, heads, c, head_dim] operands: batched dots with the batch dimensions
@@ -143,8 +145,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     scores = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores * scale + bias, axis=-1)
-    probs = dropout(probs, deterministic=deterministic).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("nhqk,nhkd->nhqd", probs, v), 1, 2)
+    dropped = dropout(probs, deterministic=deterministic).astype(v.dtype)
+    out = jnp.swapaxes(jnp.einsum("nhqk,nhkd->nhqd", dropped, v), 1, 2)
+    if return_probs:
+        return out, probs
+    return out
 
 
 class RMSNorm(nnx.Module):
@@ -258,7 +263,8 @@ ATTENTION_BACKENDS = (None, "xla", "cudnn")
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax.Array, *,
                    window: int | None = None, impl: str = "dot_product_attention",
                    backend: str | None = None, dropout: nnx.Dropout,
-                   deterministic: bool) -> jax.Array:
+                   deterministic: bool,
+                   return_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Bidirectional attention over ``[N, c, heads, head_dim]``; padded keys never attended.
 
     ``window``: query ``i`` attends only to keys ``j`` with ``|i - j| <= window`` (ModernBERT's
@@ -268,6 +274,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
     into the boolean mask); ``"mask"`` builds an explicit additive fp32 bias
     ``[N, 1, c, c]`` and runs ``dot_product_attention`` above. The two agree to rounding; the
     mask path is also used whenever attention dropout is active (training with a rate > 0).
+    ``return_probs`` (explanations): always take the mask path and also return the fp32
+    probabilities ``[N, heads, c, c]``.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
@@ -275,14 +283,15 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
         raise ValueError(f"attention_backend {backend!r} is not one of {ATTENTION_BACKENDS}")
     c = q.shape[1]
     keep = attention_mask.astype(bool)[:, None, None, :]  # [N, 1, 1, c] keys
-    use_mask = impl == "mask" or (dropout.rate > 0 and not deterministic)
+    use_mask = impl == "mask" or (dropout.rate > 0 and not deterministic) or return_probs
     fold_window = window is not None and (use_mask or backend == "cudnn")
     if fold_window:
         pos = jnp.arange(c)
         keep = keep & (jnp.abs(pos[:, None] - pos[None, :]) <= window)[None, None]
     if use_mask:
         bias = jnp.where(keep, 0.0, MASK_VALUE).astype(jnp.float32)
-        return dot_product_attention(q, k, v, bias, dropout=dropout, deterministic=deterministic)
+        return dot_product_attention(q, k, v, bias, dropout=dropout, deterministic=deterministic,
+                                     return_probs=return_probs)
     local = None if window is None or fold_window else (window, window)
     if backend == "cudnn":
         # cuDNN turns the mask into a bias that must be [N, 1, c, c] (a [N, 1, 1, c] key mask
@@ -293,9 +302,25 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, attention_mask: jax
 
 
 def run_layers(stack: Sequence[nnx.Module], x: jax.Array, mask: jax.Array, *,
-               deterministic: bool, remat: bool) -> jax.Array:
+               deterministic: bool, remat: bool, return_attentions: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``x = layer(x, mask, deterministic=...)`` through the stack, each layer rematerialised in
-    the backward pass when ``remat`` (the shared loop of every encoder family)."""
+    the backward pass when ``remat`` (the shared loop of every encoder family).
+
+    ``return_attentions``: every layer is called with ``return_attention=True`` (it returns
+    ``(x, probs [N, heads, c, c])``, computed explicitly) and the stacked fp32 probabilities
+    ``[L, N, heads, c, c]`` are returned after ``x``.
+    """
+    if return_attentions:
+        def run_probs(layer: nnx.Module, x: jax.Array, mask: jax.Array):
+            return layer(x, mask, deterministic=deterministic, return_attention=True)
+
+        step_probs = nnx.remat(run_probs) if remat else run_probs
+        probs = []
+        for layer in stack:
+            x, p = step_probs(layer, x, mask)
+            probs.append(p.astype(jnp.float32))
+        return x, jnp.stack(probs)
 
     def run(layer: nnx.Module, x: jax.Array, mask: jax.Array) -> jax.Array:
         return layer(x, mask, deterministic=deterministic)

@@ -58,8 +58,10 @@ class ModernBertEmbeddings(nnx.Module):
                                      param_dtype=param_dtype)
         self.dropout = nnx.Dropout(cfg.options["embedding_dropout"], rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, *, deterministic: bool) -> jax.Array:
-        x = self.norm(self.tok_embeddings(input_ids))
+    def __call__(self, input_ids: jax.Array, *, deterministic: bool,
+                 word_embeds: jax.Array | None = None) -> jax.Array:
+        words = self.tok_embeddings(input_ids) if word_embeds is None else word_embeds
+        x = self.norm(words)
         return self.dropout(x, deterministic=deterministic)
 
 
@@ -82,7 +84,8 @@ class ModernBertAttention(nnx.Module):
         self.backend = opts.get("attention_backend", RUNTIME_OPTIONS["attention_backend"])
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array, *,
-                 deterministic: bool) -> jax.Array:
+                 deterministic: bool, return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         n, c, d = x.shape
         qkv = self.qkv(x).reshape(n, c, 3, self.num_heads, d // self.num_heads)
         angles = layers.rotary_angles(c, d // self.num_heads, self.theta)
@@ -90,7 +93,10 @@ class ModernBertAttention(nnx.Module):
         k = layers.rotate_half_rope(qkv[:, :, 1], angles)
         out = layers.self_attention(q, k, qkv[:, :, 2], attention_mask, window=self.window,
                                     impl=self.impl, backend=self.backend, dropout=self.dropout,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, return_probs=return_attention)
+        if return_attention:
+            out, probs = out
+            return self.dropout(self.out(out.reshape(n, c, d)), deterministic=deterministic), probs
         return self.dropout(self.out(out.reshape(n, c, d)), deterministic=deterministic)
 
 
@@ -113,10 +119,16 @@ class ModernBertLayer(nnx.Module):
                                    param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array, *,
-                 deterministic: bool) -> jax.Array:
+                 deterministic: bool, return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         h = self.attn_norm(x) if self.attn_norm is not None else x
-        x = x + self.attn(h, attention_mask, deterministic=deterministic)
-        return x + self.mlp(self.mlp_norm(x), deterministic=deterministic)
+        a = self.attn(h, attention_mask, deterministic=deterministic,
+                      return_attention=return_attention)
+        if return_attention:
+            a, probs = a
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x), deterministic=deterministic)
+        return (x, probs) if return_attention else x
 
 
 class ModernBertEncoder(nnx.Module):
@@ -137,10 +149,32 @@ class ModernBertEncoder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  deterministic: bool = True) -> jax.Array:
-        x = self.embeddings(input_ids, deterministic=deterministic)
-        x = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
-                              remat=self.remat)
-        return self.final_norm(x)
+        x = self.embed(input_ids, deterministic=deterministic)
+        return self.encode_embeddings(x, input_ids, attention_mask, deterministic=deterministic)
+
+    def word_embed(self, input_ids: jax.Array) -> jax.Array:
+        """Raw token-embedding table lookup ``[N, c] -> [N, c, D]``."""
+        return self.embeddings.tok_embeddings(input_ids)
+
+    def embed(self, input_ids: jax.Array, *, deterministic: bool = True,
+              word_embeds: jax.Array | None = None) -> jax.Array:
+        """The embedding block's output ``[N, c, D]`` (token embedding -> LN -> dropout);
+        ``word_embeds`` replaces the token lookup."""
+        return self.embeddings(input_ids, deterministic=deterministic, word_embeds=word_embeds)
+
+    def encode_embeddings(self, x: jax.Array, input_ids: jax.Array | None,
+                          attention_mask: jax.Array, *, deterministic: bool = True,
+                          return_attentions: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Layers + final norm on ``x [N, c, D]`` -> hidden ``[N, c, D]`` (and, with
+        ``return_attentions``, fp32 probabilities ``[L, N, H, c, c]``, local layers' window
+        included). ``input_ids`` is not needed by this family (may be None)."""
+        del input_ids
+        out = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
+                                remat=self.remat, return_attentions=return_attentions)
+        if return_attentions:
+            return self.final_norm(out[0]), out[1]
+        return self.final_norm(out)
 
 
 # --- config.json <-> EncoderConfig fields -------------------------------------------------------

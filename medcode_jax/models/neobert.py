@@ -63,7 +63,8 @@ class NeoBertAttention(nnx.Module):
         self.backend = cfg.options.get("attention_backend", RUNTIME_OPTIONS["attention_backend"])
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array, *,
-                 deterministic: bool) -> jax.Array:
+                 deterministic: bool, return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         n, c, d = x.shape
         head_dim = d // self.num_heads
         qkv = self.qkv(x).reshape(n, c, self.num_heads, 3, head_dim)
@@ -72,7 +73,10 @@ class NeoBertAttention(nnx.Module):
         k = layers.interleaved_rope(qkv[..., 1, :], angles)
         out = layers.self_attention(q, k, qkv[..., 2, :], attention_mask, impl=self.impl,
                                     backend=self.backend, dropout=self.dropout,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, return_probs=return_attention)
+        if return_attention:
+            out, probs = out
+            return self.out(out.reshape(n, c, d)), probs
         return self.out(out.reshape(n, c, d))
 
 
@@ -91,9 +95,15 @@ class NeoBertLayer(nnx.Module):
                                    rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array, *,
-                 deterministic: bool) -> jax.Array:
-        x = x + self.attn(self.attention_norm(x), attention_mask, deterministic=deterministic)
-        return x + self.mlp(self.mlp_norm(x), deterministic=deterministic)
+                 deterministic: bool, return_attention: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        a = self.attn(self.attention_norm(x), attention_mask, deterministic=deterministic,
+                      return_attention=return_attention)
+        if return_attention:
+            a, probs = a
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x), deterministic=deterministic)
+        return (x, probs) if return_attention else x
 
 
 class NeoBertEncoder(nnx.Module):
@@ -115,13 +125,41 @@ class NeoBertEncoder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  deterministic: bool = True) -> jax.Array:
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(f"chunk length {input_ids.shape[1]} exceeds the model's max_length "
+        x = self.embed(input_ids, deterministic=deterministic)
+        return self.encode_embeddings(x, input_ids, attention_mask, deterministic=deterministic)
+
+    def _check_length(self, length: int) -> None:
+        if length > self.max_length:
+            raise ValueError(f"chunk length {length} exceeds the model's max_length "
                              f"{self.max_length} (config.json); use a smaller chunk size")
-        x = self.tok_embeddings(input_ids).astype(layers.RESIDUAL_DTYPE)
-        x = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
-                              remat=self.remat)
-        return self.final_norm(x)
+
+    def word_embed(self, input_ids: jax.Array) -> jax.Array:
+        """Raw token-embedding table lookup ``[N, c] -> [N, c, D]``."""
+        return self.tok_embeddings(input_ids)
+
+    def embed(self, input_ids: jax.Array, *, deterministic: bool = True,
+              word_embeds: jax.Array | None = None) -> jax.Array:
+        """The embedding block's output ``[N, c, D]``: the token embedding in the residual
+        dtype (NeoBERT has no embedding norm or dropout); ``word_embeds`` replaces the lookup."""
+        del deterministic
+        self._check_length(input_ids.shape[1])
+        words = self.tok_embeddings(input_ids) if word_embeds is None else word_embeds
+        return words.astype(layers.RESIDUAL_DTYPE)
+
+    def encode_embeddings(self, x: jax.Array, input_ids: jax.Array | None,
+                          attention_mask: jax.Array, *, deterministic: bool = True,
+                          return_attentions: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Layers + final RMSNorm on ``x [N, c, D]`` -> hidden ``[N, c, D]`` (and, with
+        ``return_attentions``, fp32 probabilities ``[L, N, H, c, c]``). ``input_ids`` is not
+        needed by this family (may be None)."""
+        del input_ids
+        self._check_length(x.shape[1])
+        out = layers.run_layers(self.layers, x, attention_mask, deterministic=deterministic,
+                                remat=self.remat, return_attentions=return_attentions)
+        if return_attentions:
+            return self.final_norm(out[0]), out[1]
+        return self.final_norm(out)
 
 
 # --- config.json <-> EncoderConfig fields -------------------------------------------------------

@@ -131,6 +131,124 @@ class PLMICD(nnx.Module):
             span = reference_span(mask, self.chunk_size, self.unmasked_padding)
         return head(hidden, mask, return_attention=return_attention, span=span)
 
+    # --- explanation hooks (docs/EXPLAIN.md §1) ------------------------------------------------
+    # The encoder must also provide `word_embed`, `embed` and `encode_embeddings` (every family
+    # in medcode_jax.models does). `__call__ == from_embeddings(embed(ids, mask), mask)`.
+
+    def _rows(self, x: jax.Array, caller: str) -> tuple[int, int, int]:
+        if x.ndim < 2:
+            raise ValueError(f"PLMICD.{caller}: expected [B, T, ...], got shape {x.shape}.")
+        batch, length = x.shape[:2]
+        if length % self.chunk_size != 0:
+            raise ValueError(
+                f"PLMICD.{caller}: sequence length {length} is not a multiple of chunk_size "
+                f"{self.chunk_size}; pad the batch to a whole number of chunks."
+            )
+        return batch, length, length // self.chunk_size
+
+    def word_embed(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] -> raw word-embedding table rows [B, T, Dw] (no position / norm)."""
+        batch, length, n = self._rows(input_ids, "word_embed")
+        out = self.encoder.word_embed(input_ids.reshape(batch * n, self.chunk_size))
+        return out.reshape(batch, length, out.shape[-1])
+
+    def embed(
+        self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True,
+        word_embeds: jax.Array | None = None,
+    ) -> jax.Array:
+        """[B, T] -> the encoder embedding block's output per chunk, de-chunked: [B, T, D] (the
+        reference's "chunked embedding"). `word_embeds` [B, T, Dw] replaces the word lookup."""
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"PLMICD.embed: input_ids {input_ids.shape} and attention_mask "
+                f"{attention_mask.shape} must both be [B, T]."
+            )
+        batch, length, n = self._rows(input_ids, "embed")
+        rows, c = batch * n, self.chunk_size
+        words = None
+        if word_embeds is not None:
+            if word_embeds.shape[:2] != input_ids.shape:
+                raise ValueError(
+                    f"PLMICD.embed: word_embeds {word_embeds.shape} must be [B, T, Dw] for "
+                    f"input_ids {input_ids.shape}."
+                )
+            words = word_embeds.reshape(rows, c, word_embeds.shape[-1])
+        emb = self.encoder.embed(
+            input_ids.reshape(rows, c), deterministic=deterministic, word_embeds=words
+        )
+        return emb.reshape(batch, length, emb.shape[-1])
+
+    def from_embeddings(
+        self, emb: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True,
+        return_attention: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """emb [B, T, D] (from `embed`), mask [B, T] -> logits [B, C] (, label attn [B, C, T]).
+
+        With `encoder_batch_size` the chunk rows go through the encoder layers that many at a
+        time in a `lax.scan`, as in `__call__`."""
+        batch, length, n = self._rows(emb, "from_embeddings")
+        if attention_mask.shape != emb.shape[:2]:
+            raise ValueError(
+                f"PLMICD.from_embeddings: attention_mask {attention_mask.shape} must be [B, T] = "
+                f"{emb.shape[:2]}."
+            )
+        rows, c = batch * n, self.chunk_size
+        hidden = encode_embedding_rows(
+            self.encoder, emb.reshape(rows, c, emb.shape[-1]), attention_mask.reshape(rows, c),
+            deterministic=deterministic, batch_size=self.encoder_batch_size,
+        )
+        hidden = hidden.reshape(batch, length, hidden.shape[-1])
+        head = self.label_wise_attention
+        span = None
+        if not head.mask_padding:
+            span = reference_span(attention_mask, self.chunk_size, self.unmasked_padding)
+        return head(hidden, attention_mask, return_attention=return_attention, span=span)
+
+    def self_attentions(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """[B, T] -> the encoder's head-mean self-attention probabilities per layer and chunk,
+        [L, B, T/c, c, c] fp32 (deterministic; computed explicitly, all chunk rows at once)."""
+        batch, _, n = self._rows(input_ids, "self_attentions")
+        rows, c = batch * n, self.chunk_size
+        ids = input_ids.reshape(rows, c)
+        mask = attention_mask.reshape(rows, c)
+        x = self.encoder.embed(ids, deterministic=True)
+        _, probs = self.encoder.encode_embeddings(
+            x, ids, mask, deterministic=True, return_attentions=True
+        )  # [L, rows, H, c, c]
+        probs = jnp.mean(probs.astype(jnp.float32), axis=2)
+        return probs.reshape(probs.shape[0], batch, n, c, c)
+
+
+def encode_embedding_rows(
+    encoder: nnx.Module,
+    x: jax.Array,
+    mask: jax.Array,
+    *,
+    deterministic: bool,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """Embedding-block outputs [N, c, D] -> hidden [N, c, D] through `encoder.encode_embeddings`,
+    optionally `batch_size` rows at a time in a `lax.scan` (like `encode_rows`; filler rows are
+    zeros with an all-zero mask)."""
+    size = batch_size
+    rows = x.shape[0]
+    if size is None or rows <= size:
+        return encoder.encode_embeddings(x, None, mask, deterministic=deterministic)
+    steps = -(-rows // size)
+    fill = steps * size - rows
+    x = jnp.pad(x, ((0, fill), (0, 0), (0, 0))).reshape(steps, size, *x.shape[1:])
+    mask = jnp.pad(mask, ((0, fill), (0, 0))).reshape(steps, size, -1)
+    graphdef, rng_state, rest = nnx.split(encoder, nnx.RngState, ...)
+
+    def body(rng_carry: nnx.State, xs: tuple[jax.Array, jax.Array]):
+        module = nnx.merge(graphdef, rng_carry, rest)
+        hidden = module.encode_embeddings(xs[0], None, xs[1], deterministic=deterministic)
+        return nnx.state(module, nnx.RngState), hidden
+
+    rng_state, hidden = jax.lax.scan(body, rng_state, (x, mask))
+    nnx.update(encoder, rng_state)
+    return hidden.reshape(steps * size, *hidden.shape[2:])[:rows]
+
 
 def chunked_encode(
     encoder: nnx.Module,
