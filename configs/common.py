@@ -42,6 +42,10 @@ def minilm_path() -> str:
 
 
 VARIANTS = ("demo", "tiny", "icd9")
+# Loss presets (`config.loss`, medcode_jax/explain/losses.py): the reference's loss configs
+# with the values of its experiment/mdace_icd9_code/plm_icd*.yaml; configs/plmicd.py also
+# applies that recipe (MDACE data, batch sizes, ...) when no other variant is given.
+LOSS_PRESETS = ("bce", "supervised", "igr", "tm", "pgd")
 
 
 def parse_arg(arg: str | None) -> tuple[str, set[str]]:
@@ -53,7 +57,7 @@ def parse_arg(arg: str | None) -> tuple[str, set[str]]:
     parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
     variant = parts[0] if parts and parts[0] in VARIANTS else ""
     extras = set(parts[1:] if variant else parts)
-    known = set(RULES) | set(encoders.PRESETS)
+    known = set(RULES) | set(encoders.PRESETS) | set(LOSS_PRESETS)
     unknown = extras - known
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; the argument is "
@@ -61,6 +65,8 @@ def parse_arg(arg: str | None) -> tuple[str, set[str]]:
                          "e.g. configs/plmca.py:demo,fsdp or configs/plmca.py:modernbert_base")
     if len(extras & set(encoders.PRESETS)) > 1:
         raise ValueError(f"more than one encoder preset in {arg!r}")
+    if len(extras & set(LOSS_PRESETS)) > 1:
+        raise ValueError(f"more than one loss preset in {arg!r}")
     return variant, extras
 
 
@@ -158,6 +164,65 @@ def base_config() -> ml_collections.ConfigDict:
     # Codes written per document in the test predictions file.
     c.train.predictions_top_k = 20
 
+    c.loss = ml_collections.ConfigDict()
+    # Training loss (medcode_jax/explain/losses.py; explainable-medical-coding's loss configs):
+    # "bce" (plain BCE), "supervised" (BCE + KL of the label attention to the annotated
+    # evidence; needs data.max_evidence_codes > 0), "igr" (input-gradient regularisation: BCE +
+    # norm of the gradient w.r.t. the word-embedding table), "pgd" (adversarial noise on the
+    # embeddings), "tm" (token masking with distillation from a frozen teacher).
+    c.loss.name = "bce"
+    # Weight of the first extra term: supervised KL (reference 2.5), igr gradient norm
+    # (reference experiment 1e-5), pgd's input-gradient term (0 in the reference experiment),
+    # tm's masked-input term (reference experiment 1); -1 = that reference value for loss.name.
+    c.loss.lambda_1 = -1.0
+    # pgd: weight of the adversarial term (reference 0.5).
+    c.loss.lambda_2 = 0.5
+    # supervised: "log" = KL against log(attention weights) (the reference's log_softmax of
+    # its cross-attention scores, scale 1); "log_softmax" = log_softmax over the weights (what
+    # the reference computes for a LAAT head, which returns weights).
+    c.loss.log_attention = "log"
+    # supervised: the sequence length in the KL's mean over [targets x length]: "reference" =
+    # the reference's padded batch length (longest note of the micro-batch rounded up past a
+    # whole chunk), "padded" = our batch's padded (bucket) length, "document" = each note's own
+    # rounded length (the last two are exact under gradient accumulation).
+    c.loss.kl_length = "reference"
+    # igr (and pgd with lambda_1 > 0): "micro_batch" = the norm of one micro-batch's gradient
+    # (the reference; depends on train.micro_batch_size), "document" = one gradient per
+    # document, averaged (independent of the micro-batch size).
+    c.loss.igr_scope = "micro_batch"
+    # pgd: attack ("pgd_adam": AdamW on delta, noise = tanh(delta) * epsilon), its bound,
+    # learning rate, maximum steps and relative stopping tolerance (vs two steps earlier).
+    c.loss.attack = "pgd_adam"
+    c.loss.epsilon = 1e-5
+    c.loss.alpha = 0.1
+    c.loss.max_iter = 100
+    c.loss.tolerance = 0.005
+    # pgd: "none" = BCE on the adversarial logits; "kl" = symmetric KL of softmax over codes.
+    c.loss.adv_dist = "none"
+    # pgd / tm: weight decay of the inner AdamW (torch.optim.AdamW's default 0.01).
+    c.loss.inner_weight_decay = 0.01
+    # tm: weight of the prediction-change term in the mask objective, the mask's AdamW
+    # learning rate, maximum steps and relative stopping tolerance.
+    c.loss.diet_constant = 0.01
+    c.loss.mask_lr = 0.1
+    c.loss.mask_max_iter = 20
+    c.loss.mask_tolerance = 0.03
+    # tm: added to the mask before rounding (the reference's rounding_schedule=false: 0).
+    c.loss.rounding_constant = 0.0
+    # tm: distil from the teacher (L1 between probabilities) instead of BCE to the labels.
+    c.loss.distillation = True
+    # tm: the teacher — "initial" = a frozen copy of the parameters training starts from
+    # (after loss.init_workdir / the pretrained encoder); the reference precomputes the logits
+    # of the loaded model before fine-tuning.
+    c.loss.teacher = "initial"
+    # tm: token replacing masked tokens; -1 = the tokenizer's pad token. The reference uses
+    # 50001 with its RoBERTa-PM vocabulary.
+    c.loss.baseline_token_id = -1
+    # Start a fresh run from the best (else latest) checkpoint of this work directory (same
+    # model and label space): the reference's `load_model` (tm fine-tunes a trained model).
+    # "" = from the pretrained encoder as usual.
+    c.loss.init_workdir = ""
+
     c.mesh = ml_collections.ConfigDict()
     # Mesh axis names (fixed) and sizes; -1 = all remaining devices.
     c.mesh.axis_names = ("data", "fsdp", "tensor")
@@ -185,11 +250,41 @@ def apply_presets(c: ml_collections.ConfigDict, presets: set[str]) -> None:
         c.mesh.rules = FSDP_RULES
     if "fsdp_tp" in presets:
         c.mesh.rules = FSDP_TENSOR_RULES
+    for name in sorted(presets & set(LOSS_PRESETS)):
+        apply_loss_preset(c, name)
     for name in sorted(presets & set(encoders.PRESETS)):
         preset = encoders.get(name)
         c.encoder.path = preset.path
         c.data.chunk_size = preset.chunk_size
         c.data.max_length = preset.max_length
+
+
+def apply_loss_preset(c: ml_collections.ConfigDict, name: str) -> None:
+    """`config.loss` as the reference's loss/<name>.yaml overridden by its
+    experiment/mdace_icd9_code/plm_icd_<name>.yaml (the data / training recipe is the experiment
+    file's business: configs/plmicd.py)."""
+    c.loss.name = name
+    if name == "supervised":
+        c.loss.lambda_1 = 2.5
+        if c.data.max_evidence_codes <= 0:
+            c.data.max_evidence_codes = 64  # evidence slots per document in a batch
+    elif name == "igr":
+        c.loss.lambda_1 = 1e-5  # plm_icd_igr.yaml (loss/igr.yaml: 1e-3)
+        c.loss.igr_scope = "micro_batch"
+    elif name == "pgd":
+        c.loss.lambda_1 = 0.0
+        c.loss.lambda_2 = 0.5
+        c.loss.epsilon = 1e-5
+        c.loss.alpha = 0.1
+        c.loss.attack = "pgd_adam"
+        c.loss.adv_dist = "none"
+    elif name == "tm":
+        c.loss.lambda_1 = 1.0
+        c.loss.diet_constant = 0.01
+        c.loss.mask_lr = 0.1
+        c.loss.rounding_constant = 0.0  # rounding_schedule: false
+        c.loss.distillation = True
+        c.loss.teacher = "initial"
 
 
 def tiny_overrides(c: ml_collections.ConfigDict) -> None:

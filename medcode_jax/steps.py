@@ -11,6 +11,13 @@ step builders (one training loop for every model): `ModelIO` is PLM-ICD / PLM-CA
 re-ranker (`model(..., candidates, candidate_scores)` -> logits over K candidates, targets
 gathered from the [B, C] labels). A ModelIO is a frozen dataclass: hashable, so the loop keeps
 one jitted step per distinct value (e.g. per bucket of distinct descriptions).
+
+`ModelIO.loss` is the micro-batch loss: BCE sum / `denom` by default; the explanation-aware
+losses (`medcode_jax/explain/losses.py`: supervised attention, input-gradient regularisation,
+adversarial noise, token masking) are ModelIO subclasses that add their terms there. Whole-batch
+normalisers (`ModelIO.counts`) are computed once on the global batch before it is split, so the
+accumulated loss is the one of the big batch wherever the term is a sum over documents. An IO
+with `needs_teacher` gets `rest = (rest, teacher_params)` (a frozen copy of the parameters).
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from medcode_jax import sharding as shd
 Batch = Mapping[str, jax.Array]
 TRAIN_KEYS = ("input_ids", "attention_mask", "labels", "valid")
 EVAL_KEYS = ("input_ids", "attention_mask")
+LOSS_KEY_SALT = 1_000_003  # the loss's random key = fold_in(micro-batch key, this); dropout
+                           # streams use fold_in(micro-batch key, 0..n_streams-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,26 @@ class ModelIO:
     def eval_output(self, logits: jax.Array) -> jax.Array:
         """What the eval step returns: probabilities [B, C]."""
         return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+    # True: the train step's `rest` is `(rest, teacher_params)` and `loss` gets `teacher`.
+    needs_teacher = False
+    # Names of the scalar parts `loss` returns (logged as train `loss_<name>`).
+    loss_parts = ()  # (a plain class attribute, not a dataclass field)
+
+    def counts(self, batch: Batch) -> dict[str, jax.Array]:
+        """Whole-batch normalisers (computed on the global batch, before the split into
+        micro-batches) passed to every micro-batch's `loss` as `counts`."""
+        return {}
+
+    def loss(self, model: nnx.Module, mb: Batch, *, deterministic: bool, key: jax.Array,
+             denom: jax.Array, counts: Mapping[str, jax.Array] | None = None,
+             teacher: nnx.Module | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(micro-batch loss, named parts): the BCE sum over valid rows / `denom` (the global
+        batch's valid documents x `loss_width`). `key`: for losses that draw random numbers
+        (dropout is already seeded on `model`). Parts are summed over micro-batches into the
+        step's metrics (none for plain BCE)."""
+        logits = self.logits(model, mb, deterministic=deterministic)
+        return bce_sum(logits, self.targets(mb), mb["valid"]) / denom, {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,42 +226,56 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     """The (un-jitted) train step `(state, rest, batch) -> (state, metrics)`.
 
     `rest` holds the model's non-parameter variables (rng streams, constant tables), never
-    updated. `batch` has `io.train_keys`, leading dimension = the global batch (a multiple of
-    accum_steps).
+    updated; with `io.needs_teacher` it is `(rest, teacher_params)`. `batch` has
+    `io.train_keys`, leading dimension = the global batch (a multiple of accum_steps).
+    Metrics: loss, grad_norm, lr, param_norm, skipped, nonfinite, plus `loss_<part>` for the
+    named parts of `io.loss` (summed over micro-batches).
     """
     base_key = jax.random.key(seed)
 
-    def loss_fn(params, frozen, rest, mb, key, denom):
+    def loss_fn(params, frozen, rest, teacher_params, mb, key, denom, counts):
         # fresh Variables for the rng state: reseeding mutates them inside this trace
         model = nnx.merge(graphdef, params, frozen, jax.tree.map(lambda x: x, rest))
         if not deterministic:
             _reseed(model, key)
-        logits = io.logits(model, mb, deterministic=deterministic)
-        return bce_sum(logits, io.targets(mb), mb["valid"]) / denom
+        teacher = None
+        if teacher_params is not None:
+            teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params), frozen,
+                                jax.tree.map(lambda x: x, rest))
+        return io.loss(model, mb, deterministic=deterministic,
+                       key=jax.random.fold_in(key, LOSS_KEY_SALT), denom=denom, counts=counts,
+                       teacher=teacher)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, rest: nnx.State, batch: Batch) -> tuple[TrainState, dict]:
+    def step(state: TrainState, rest: Any, batch: Batch) -> tuple[TrainState, dict]:
         global_rows = batch["input_ids"].shape[0]
         if global_rows % accum_steps:
             raise ValueError(f"global batch of {global_rows} rows does not divide into "
                              f"{accum_steps} micro-batches")
+        teacher_params = None
+        if io.needs_teacher:
+            rest, teacher_params = rest
         denom = (jnp.maximum(jnp.sum(batch["valid"].astype(jnp.float32)), 1.0)
                  * io.loss_width(batch))
+        counts = io.counts(batch)
         micro = {k: _split_micro(batch[k], accum_steps, mesh) for k in io.train_keys}
         step_key = jax.random.fold_in(base_key, state.step)
 
         def body(carry, xs):
-            loss_acc, grad_acc = carry
+            loss_acc, parts_acc, grad_acc = carry
             index, mb = xs
-            loss, grads = grad_fn(state.params, state.frozen, rest, mb,
-                                  jax.random.fold_in(step_key, index), denom)
+            (loss, parts), grads = grad_fn(state.params, state.frozen, rest, teacher_params, mb,
+                                           jax.random.fold_in(step_key, index), denom, counts)
             grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
-            return (loss_acc + loss, grad_acc), None
+            parts_acc = jax.tree.map(lambda a, p: a + p.astype(jnp.float32), parts_acc, parts)
+            return (loss_acc + loss, parts_acc, grad_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (loss, grads), _ = jax.lax.scan(
-            body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum_steps), micro))
+        part_zeros = {k: jnp.zeros((), jnp.float32) for k in io.loss_parts}
+        (loss, parts, grads), _ = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), part_zeros, zeros),
+            (jnp.arange(accum_steps), micro))
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -248,7 +291,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                   skipped=skipped)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                    "param_norm": optax.tree.norm(params), "skipped": skipped,
-                   "nonfinite": (~finite).astype(jnp.int32)}
+                   "nonfinite": (~finite).astype(jnp.int32),
+                   **{f"loss_{k}": v for k, v in parts.items()}}
         return new_state, metrics
 
     return step
