@@ -3,8 +3,10 @@
 Modes: train (default; train + final evaluation, resumes from --workdir), eval (the best
 checkpoint on --split), predict (--input glob or shards:<split> -> --output JSONL), export (PyTorch folder,
 --export_dir), plan (per-device memory of the train step on --plan_devices simulated devices;
-medcode_jax.plan).
-The loop lives in medcode_jax.train, prediction in medcode_jax.predict.
+medcode_jax.plan), explain (--method evidence spans -> --output JSONL [--html]; with --evaluate:
+plausibility / faithfulness / sparsity per method on --input=shards:<split>).
+The loop lives in medcode_jax.train, prediction in medcode_jax.predict, explanations in
+medcode_jax.explain.cli.
 """
 from __future__ import annotations
 
@@ -19,11 +21,30 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", "plan"],
-                           "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "predict", "export", "plan", "explain"],
+                          "What to do.")
 _SPLIT = flags.DEFINE_string("split", "test", "--mode=eval: split to evaluate.")
-_INPUT = flags.DEFINE_string("input", None, "--mode=predict: text-file glob or shards:<split>.")
-_OUTPUT = flags.DEFINE_string("output", None, "--mode=predict: output JSONL path.")
+_INPUT = flags.DEFINE_string("input", None,
+                             "--mode=predict/explain: text-file glob or shards:<split>.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=predict/explain: output JSONL path "
+                              "(--evaluate: the metrics JSON, default "
+                              "<workdir>/explanations_<split>.json).")
+_EXPLAIN = flags.DEFINE_string("explain", None, "--mode=predict: explanation method for the "
+                               "evidence words (default: the label attention).")
+_METHOD = flags.DEFINE_string("method", "attention", "--mode=explain: method(s), comma-"
+                              "separated, or 'all' (medcode_jax.explain.methods.METHODS).")
+_HTML = flags.DEFINE_string("html", None, "--mode=explain: also write this self-contained "
+                            "HTML page of the highlighted notes.")
+_CODES = flags.DEFINE_enum("codes", "predicted", ["predicted", "gold"],
+                           "--mode=explain: explain the predicted codes (above the threshold) "
+                           "or the gold codes (shards input only).")
+_TOP_SPANS = flags.DEFINE_integer("top_spans", 10, "--mode=explain: evidence words per code.")
+_EVALUATE = flags.DEFINE_bool("evaluate", False, "--mode=explain: evaluate the methods on "
+                              "--input=shards:<split> (needs evidence) instead of writing spans.")
+_FAITHFULNESS = flags.DEFINE_bool("faithfulness", True, "--mode=explain --evaluate: also "
+                                  "comprehensiveness / sufficiency (100 forward passes per "
+                                  "predicted code and document).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None,
                                   "--mode=export: output folder (default <workdir>/export).")
 _EXPORT_FLAVOUR = flags.DEFINE_enum("export_flavour", "fork", ["fork", "emc"],
@@ -112,11 +133,34 @@ def main(argv: list[str]) -> None:
         out = export.export_from_workdir(config, _WORKDIR.value, _EXPORT_DIR.value,
                                          flavour=_EXPORT_FLAVOUR.value)
         logging.info("exported to %s", out)
+    elif _MODE.value == "explain":
+        _explain(config)
     else:
         if not (_INPUT.value and _OUTPUT.value):
             raise app.UsageError("--mode=predict needs --input and --output")
-        count = predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
+        count = predict.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
+                                explain=_EXPLAIN.value)
         logging.info("wrote predictions for %d documents to %s", count, _OUTPUT.value)
+
+
+def _explain(config) -> None:
+    """--mode=explain: evidence spans (JSONL / HTML), or --evaluate on shards:<split>."""
+    from medcode_jax.explain import cli
+
+    if _EVALUATE.value:
+        if not (_INPUT.value or "").startswith("shards:"):
+            raise app.UsageError("--mode=explain --evaluate needs --input=shards:<split> (a "
+                                 "dataset prepared with evidence)")
+        cli.evaluate(config, _WORKDIR.value, methods=_METHOD.value,
+                     split=_INPUT.value.split(":", 1)[1], output=_OUTPUT.value,
+                     faithfulness=_FAITHFULNESS.value)
+        return
+    if not (_INPUT.value and _OUTPUT.value):
+        raise app.UsageError("--mode=explain needs --input and --output")
+    count = cli.explain(config, _WORKDIR.value, methods=_METHOD.value, input_spec=_INPUT.value,
+                        output=_OUTPUT.value, html=_HTML.value, codes=_CODES.value,
+                        top_spans=_TOP_SPANS.value)
+    logging.info("wrote %d explanation lines to %s", count, _OUTPUT.value)
 
 
 def _plan() -> None:
@@ -151,6 +195,8 @@ def _plmrr(config) -> None:
         out = pipelines.export(config, _WORKDIR.value, _EXPORT_DIR.value,
                                flavour=_EXPORT_FLAVOUR.value)
         logging.info("exported to %s", out)
+    elif _MODE.value == "explain":
+        raise app.UsageError("--mode=explain supports PLM-ICD / PLM-CA runs, not PLM-RR")
     else:
         if not (_INPUT.value and _OUTPUT.value):
             raise app.UsageError("--mode=predict needs --input and --output")

@@ -77,10 +77,12 @@ class Feeder:
     """
 
     init_weights = None
+    # The training loss's IO (config.loss, explain/losses.make_io); evaluation stays plain.
+    train_io: steps.ModelIO = steps.PLMICD_IO
 
     def train_inputs(self, batch: dict[str, np.ndarray], *, accum: int
                      ) -> tuple[steps.ModelIO, dict[str, np.ndarray]]:
-        return steps.PLMICD_IO, {k: batch[k] for k in steps.TRAIN_KEYS}
+        return self.train_io, {k: batch[k] for k in self.train_io.train_keys}
 
     def eval_inputs(self, batch: dict[str, np.ndarray], split: str
                     ) -> tuple[steps.ModelIO, dict[str, np.ndarray]]:
@@ -112,6 +114,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
                          f"one of {plm_icd.UNMASKED_PADDINGS}")
     if t.dtype not in DTYPES:
         raise ValueError(f"config.train.dtype={t.dtype!r}: use one of {sorted(DTYPES)}")
+    loss_name = config.loss.name if "loss" in config else "bce"
+    if loss_name != "bce" and model_type != "plmicd":
+        raise ValueError(f"config.loss.name={loss_name!r} is for PLM-ICD / PLM-CA "
+                         f"(config.model.type='plmicd'), not {model_type!r}: use 'bce'")
+    if loss_name == "supervised" and config.data.max_evidence_codes <= 0:
+        raise ValueError("config.loss.name='supervised' needs the evidence in the batches: set "
+                         "config.data.max_evidence_codes > 0 (a dataset prepared with evidence)")
+    if "loss" in config and config.loss.name == "tm" and config.loss.teacher != "initial":
+        raise ValueError(f"config.loss.teacher={config.loss.teacher!r}: only 'initial' (a frozen "
+                         "copy of the starting parameters) is implemented")
     if config.model.freeze_label_queries and not config.model.dca:
         raise ValueError("config.model.freeze_label_queries=True needs config.model.dca=True "
                          "(freezing randomly initialised label queries makes no sense)")
@@ -271,6 +283,11 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         from medcode_jax import pipelines  # PLM-RR's host side: candidates from the cache
 
         run.feeder = pipelines.rerank_feeder(config, run)
+    elif "loss" in config:
+        from medcode_jax.explain import losses
+
+        run.feeder.train_io = losses.make_io(config.loss, tokenizer=ds.metadata.get("tokenizer"),
+                                             vocab_size=enc_cfg.vocab_size)
     return run
 
 
@@ -295,6 +312,41 @@ def initialise_weights(run: Run) -> None:
     run.state = run.state.replace(
         params=jax.device_put(params, run.state_shardings.params),
         frozen=jax.device_put(frozen_params, run.state_shardings.frozen))
+
+
+def initialise_from_workdir(run: Run, workdir: str) -> None:
+    """config.loss.init_workdir: the parameters of that run's best (else latest) checkpoint
+    (same model and label space), optimiser and step fresh - the reference's `load_model`."""
+    ckpt = checkpointing.Checkpointer(workdir, keep=run.config.checkpoint.keep, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"config.loss.init_workdir={workdir} holds no checkpoint: "
+                                    "train that run first (e.g. configs/plmicd.py:bce)")
+        best = ckpt.best_step() is not None
+        meta = ckpt.restore_meta(best=best)
+        _check_optimizer(run, meta, workdir)
+        _check_resume(run, meta or {}, workdir)
+        state, _, _ = ckpt.restore(run.abstract_state, best=best)
+    finally:
+        ckpt.close()
+    run.state = run.state.replace(params=state.params, frozen=state.frozen)
+    logging.info("parameters initialised from step %d of %s", int(state.step), workdir)
+
+
+def initial_state(run: Run) -> None:
+    """A fresh start's weights: pretrained encoder etc., or config.loss.init_workdir's."""
+    initialise_weights(run)
+    init_dir = run.config.loss.init_workdir if "loss" in run.config else ""
+    if init_dir:
+        initialise_from_workdir(run, init_dir)
+
+
+def teacher_params(run: Run) -> nnx.State:
+    """config.loss.teacher='initial': a copy (own buffers: the train state is donated) of the
+    parameters training starts from (`initial_state`)."""
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                   out_shardings=run.state_shardings.params)
+    return copy(run.state.params)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -323,13 +375,16 @@ class Evaluator:
                                                   run.mesh)
         return self._steps[io]
 
-    def batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, split: str, *, max_evidence_codes: int = 0
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """Eval batches of `split`; with `max_evidence_codes` > 0 they also carry the
+        evidence fields (explanation evaluation)."""
         c = self.run.config
         return input_pipeline.make_eval_batches(
             self.run.ds, split, global_batch_size=c.train.eval_batch_size,
             chunk_size=c.data.chunk_size, buckets=self.run.buckets,
             process_index=jax.process_index(), process_count=jax.process_count(),
-            reserve_tokens=self.run.reserve_tokens)
+            reserve_tokens=self.run.reserve_tokens, max_evidence_codes=max_evidence_codes)
 
     def accumulator(self) -> metrics_lib.MetricAccumulator:
         meta = self.run.ds.metadata
@@ -481,8 +536,15 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
     train_iter = input_pipeline.make_train_iterator(
         run.ds, global_batch_size=t.global_batch_size, chunk_size=config.data.chunk_size,
         buckets=run.buckets, seed=t.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), reserve_tokens=run.reserve_tokens)
+        process_count=jax.process_count(), reserve_tokens=run.reserve_tokens,
+        max_evidence_codes=_evidence_codes(run))
     progress = {"best_metric": -math.inf, "best_step": -1, "bad_evals": 0, "stopped": False}
+    train_io = run.feeder.train_io
+    teacher = None
+    if train_io.needs_teacher:
+        # the teacher is the starting point of this run, also when resuming: rebuild it first
+        initial_state(run)
+        teacher = teacher_params(run)
     if ckpt.latest_step() is not None:
         meta = ckpt.restore_meta()
         _check_optimizer(run, meta, workdir)
@@ -491,18 +553,21 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
         train_iter.set_state(data_state)
         progress = {k: meta[k] for k in progress}
         logging.info("resumed from step %d of %s", int(run.state.step), workdir)
-    else:
-        initialise_weights(run)
+    elif teacher is None:
+        initial_state(run)
     accum = t.global_batch_size // t.micro_batch_size
     compiled: dict[steps.ModelIO, Any] = {}
 
     def train_step(io: steps.ModelIO):
         if io not in compiled:
+            rest_shardings = run.rest_shardings
+            if io.needs_teacher:  # rest = (rest, teacher parameters)
+                rest_shardings = (run.rest_shardings, run.state_shardings.params)
             compiled[io] = steps.jit_train_step(
                 steps.make_train_step(run.graphdef, run.tx, run.schedule, accum_steps=accum,
                                       seed=t.seed, skip_nonfinite=t.skip_nonfinite,
                                       mesh=run.mesh, io=io),
-                run.state_shardings, run.rest_shardings, run.mesh)
+                run.state_shardings, rest_shardings, run.mesh)
         return compiled[io]
     step = int(run.state.step)
     done_this_run = 0
@@ -513,7 +578,8 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
         batch = next(train_iter)
         io, fields = run.feeder.train_inputs(batch, accum=accum)
         inputs = input_pipeline.to_global(fields, run.mesh)
-        run.state, metrics = train_step(io)(run.state, run.rest, inputs)
+        rest = (run.rest, teacher) if io.needs_teacher else run.rest
+        run.state, metrics = train_step(io)(run.state, rest, inputs)
         if not t.skip_nonfinite:  # stop at the very step (one scalar fetch per step)
             _raise_if_nonfinite(step + 1, metrics)
         step += 1
@@ -549,6 +615,13 @@ def _train(run: Run, ckpt: checkpointing.Checkpointer, writer: writers.MetricWri
                          "command resumes at step %d", done_this_run, step)
             return False
     return True
+
+
+def _evidence_codes(run: Run) -> int:
+    """Evidence slots the training batches need: config.data.max_evidence_codes when the
+    training loss reads the evidence fields, else 0."""
+    needs = any(k.startswith("evidence") for k in run.feeder.train_io.train_keys)
+    return int(run.config.data.max_evidence_codes) if needs else 0
 
 
 def _log_train(writer: writers.MetricWriter, step: int, metrics: dict, window: dict,

@@ -218,8 +218,10 @@ def test_main_eval_and_predict(trained, assets, tmp_path, monkeypatch):
         assert probs == sorted(probs, reverse=True)
         for code in doc["codes"]:
             assert code["above_threshold"] == (code["probability"] > doc["threshold"])
-            assert len(code["top_tokens"]) == 5 and code["description"].startswith("code ")
-            assert all(isinstance(t["token"], str) for t in code["top_tokens"])
+            assert len(code["evidence"]) == 5 and code["description"].startswith("code ")
+            text = (notes / doc["doc_id"]).read_text()
+            # evidence = words of the note with character offsets (never special tokens)
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in code["evidence"])
 
     out2 = tmp_path / "pred_shards.jsonl"
     _main(common, monkeypatch, mode="predict", input="shards:test", output=str(out2))
