@@ -7,7 +7,7 @@ DEMO_RAW    ?= data/demo/raw
 DEMO_SHARDS ?= data/demo/icd10
 DEMO_RUN    ?= runs/demo_plmrr
 
-.PHONY: venv demo demo-plmca demo-plmicd demo-data test clean-demo
+.PHONY: venv demo demo-plmca demo-plmicd demo-explain demo-data test clean-demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,19 @@ demo-plmca: demo-data
 
 demo-plmicd: demo-data
 	$(PY) -m medcode_jax.main --config=configs/plmicd.py:demo --workdir=runs/demo_plmicd
+
+# Explanations: PLM-ICD on the demo (trained first if runs/demo_plmicd has no finished run),
+# three test notes as text files, their codes with AttInGrad evidence -> JSONL + one HTML page
+PLMICD_RUN ?= runs/demo_plmicd
+EXPLAIN_METHOD ?= attingrad
+$(PLMICD_RUN)/best_threshold.json: $(DEMO_SHARDS)/metadata.json
+	$(PY) -m medcode_jax.main --config=configs/plmicd.py:demo --workdir=$(PLMICD_RUN)
+
+demo-explain: $(PLMICD_RUN)/best_threshold.json
+	$(PY) -m data_prep.demo_notes --raw $(DEMO_RAW) --split test --count 3 --out data/demo/notes
+	$(PY) -m medcode_jax.main --mode=explain --method=$(EXPLAIN_METHOD) \
+	    --config=configs/plmicd.py:demo --workdir=$(PLMICD_RUN) --input='data/demo/notes/*.txt' \
+	    --output=$(PLMICD_RUN)/explanations.jsonl --html=$(PLMICD_RUN)/explanations.html
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
