@@ -594,15 +594,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: 0 on success, 2 with a one-paragraph message on bad input."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        prepare(args)
-    except PrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return mimiciv.run_cli(parse_args, prepare, argv)
 
 
 if __name__ == "__main__":

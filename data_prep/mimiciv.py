@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -998,17 +998,24 @@ def prepare(args: argparse.Namespace) -> None:
     log.info("wrote %s", args.out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: 0 on success, 2 with a one-paragraph message on bad input."""
+def run_cli(parse: Callable[[Sequence[str] | None], argparse.Namespace],
+            run: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
+    """A preparation CLI: logging on, parse, run; 0 on success, 2 with a one-paragraph
+    message on bad input (PrepError). Shared by mimiciv, mimiciii and mdace."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = parse(argv)
     try:
-        prepare(args)
+        run(args)
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: 0 on success, 2 with a one-paragraph message on bad input."""
+    return run_cli(parse_args, prepare, argv)
 
 
 if __name__ == "__main__":
