@@ -25,9 +25,7 @@ The document id `_id` is hadm_id. Note text is never logged.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import gzip
 import logging
 import os
 import re
@@ -148,40 +146,17 @@ def find_files(mimic_dir: str) -> MimicIIIFiles:
     return MimicIIIFiles(**found, version=version)
 
 
-def read_header(path: str) -> list[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            line = f.readline()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PrepError(f"{path}: cannot read the CSV header ({e}); re-download the file from "
-                        f"{PHYSIONET_URL}") from e
-    return next(csv.reader([line]), [])
+SCHEMA = "PhysioNet MIMIC-III v1.4 (upper-case column names)"
 
 
 def csv_options(path: str, columns: dict[str, pa.DataType], **convert: Any
                 ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
-    """pyarrow CSV options reading only `columns` with explicit types; a missing column is a
-    PrepError naming the file, the column and the expected schema."""
-    header = read_header(path)
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise PrepError(f"{path}: missing column(s) {missing} (found {header}); expected the "
-                        f"PhysioNet MIMIC-III v1.4 schema with columns {list(columns)} (upper "
-                        f"case, as downloaded from {PHYSIONET_URL})")
-    return (pacsv.ReadOptions(block_size=16 << 20),
-            pacsv.ParseOptions(newlines_in_values=True),
-            pacsv.ConvertOptions(column_types=columns, include_columns=list(columns),
-                                 strings_can_be_null=True, **convert))
+    """mimiciv's CSV options with the MIMIC-III schema named in its errors."""
+    return mimiciv._csv_options(path, columns, schema=SCHEMA, url=PHYSIONET_URL, **convert)
 
 
 def read_table(path: str, columns: dict[str, pa.DataType]) -> pa.Table:
-    options = csv_options(path, columns)
-    try:
-        return pacsv.read_csv(path, *options)
-    except pa.ArrowInvalid as e:
-        raise PrepError(f"{path}: cannot parse ({e}); columns {list(columns)} must hold integer "
-                        "ids and string codes/text as in the PhysioNet files") from e
+    return mimiciv.read_table(path, columns, schema=SCHEMA, url=PHYSIONET_URL)
 
 
 # ------------------------------------------------------------------------------ codes

@@ -154,37 +154,45 @@ def find_files(mimic_dir: str, mimic_version: str | None = None,
         mimic_version=hosp, note_version=note)
 
 
-def _read_header(path: str) -> list[str]:
+def _read_header(path: str, url: str = "") -> list[str]:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8", newline="") as f:
             line = f.readline()
     except (OSError, UnicodeDecodeError) as e:
-        raise PrepError(f"{path}: cannot read the CSV header ({e}); re-download the file") from e
+        where = f" from {url}" if url else ""
+        raise PrepError(f"{path}: cannot read the CSV header ({e}); re-download the "
+                        f"file{where}") from e
     return next(csv.reader([line]), [])
 
 
-def _csv_options(path: str, columns: dict[str, pa.DataType], **convert: Any
+def _csv_options(path: str, columns: dict[str, pa.DataType], *,
+                 schema: str = "PhysioNet MIMIC-IV", url: str = "", **convert: Any
                  ) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
-    header = _read_header(path)
+    """pyarrow CSV options reading only `columns` with explicit types; a missing column is a
+    PrepError naming the file, the column and the expected `schema` (and where to get it:
+    `url`). Shared by the MIMIC-IV and MIMIC-III (data_prep.mimiciii) readers."""
+    header = _read_header(path, url)
     missing = [c for c in columns if c not in header]
     if missing:
+        where = f" (as downloaded from {url})" if url else ""
         raise PrepError(f"{path}: missing column(s) {missing} (found {header}); expected the "
-                        f"PhysioNet MIMIC-IV schema with columns {list(columns)}")
+                        f"{schema} schema with columns {list(columns)}{where}")
     return (pacsv.ReadOptions(block_size=16 << 20),
             pacsv.ParseOptions(newlines_in_values=True),
             pacsv.ConvertOptions(column_types=columns, include_columns=list(columns),
                                  strings_can_be_null=True, **convert))
 
 
-def read_table(path: str, columns: dict[str, pa.DataType]) -> pa.Table:
+def read_table(path: str, columns: dict[str, pa.DataType], *,
+               schema: str = "PhysioNet MIMIC-IV", url: str = "") -> pa.Table:
     """Read only `columns` of a (gzip) CSV with explicit types; clear errors on bad input."""
-    options = _csv_options(path, columns)
+    options = _csv_options(path, columns, schema=schema, url=url)
     try:
         return pacsv.read_csv(path, *options)
     except pa.ArrowInvalid as e:
         raise PrepError(f"{path}: cannot parse ({e}); the columns {list(columns)} must hold "
-                        "integers ids and string codes/text as in the PhysioNet files") from e
+                        "integer ids and string codes/text as in the PhysioNet files") from e
 
 
 # ------------------------------------------------------------------------------ codes
