@@ -164,6 +164,22 @@ def base_config() -> ml_collections.ConfigDict:
     # Codes written per document in the test predictions file.
     c.train.predictions_top_k = 20
 
+    c.explain = ml_collections.ConfigDict()
+    # Attribution settings of --mode=explain / --mode=predict --explain
+    # (medcode_jax/explain/methods.py ExplainOptions). Integrated gradients: integration points
+    # (captum's default 50; cost grows linearly), "gausslegendre" (captum's default) or
+    # "trapezoid", points evaluated together per step, and whether to multiply by (input -
+    # baseline) (False = the reference, captum multiply_by_inputs=False).
+    c.explain.ig_steps = 50
+    c.explain.ig_method = "gausslegendre"
+    c.explain.ig_batch = 10
+    c.explain.ig_multiply_by_inputs = False
+    # Per-code backward passes vectorised together; 0 = the backend's default (1 on CPU, 16 on
+    # accelerators).
+    c.explain.code_batch = 0
+    # Occluded copies of a chunk encoded per forward pass.
+    c.explain.occlusion_batch = 64
+
     c.loss = ml_collections.ConfigDict()
     # Training loss (medcode_jax/explain/losses.py; explainable-medical-coding's loss configs):
     # "bce" (plain BCE), "supervised" (BCE + KL of the label attention to the annotated

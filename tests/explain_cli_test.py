@@ -201,3 +201,28 @@ def test_evaluate_with_synthetic_evidence(run_dir, tmp_path, monkeypatch):
     config.data.max_evidence_codes = 0
     with pytest.raises(ValueError, match="max_evidence_codes"):
         cli.evaluate(config, workdir, methods="attention")
+
+
+def test_explain_options_from_the_config():
+    """config.explain reaches ExplainOptions (0 code_batch = the backend's default); the
+    baseline is the mask token, else pad; bad values name config.explain."""
+    import types
+
+    from configs import plmicd
+    from medcode_jax.explain import cli
+
+    c = plmicd.get_config("demo")
+    c.explain.ig_steps, c.explain.occlusion_batch = 8, 32
+    with_mask = types.SimpleNamespace(mask_token_id=103)
+    opts = cli.explain_options(c, with_mask, 0, ig_batch=4)
+    assert (opts.ig_steps, opts.occlusion_batch, opts.ig_batch) == (8, 32, 4)
+    assert opts.code_batch is None and opts.baseline_token_id == 103
+    assert cli.explain_options(c, types.SimpleNamespace(mask_token_id=None), 1).baseline_token_id == 1
+    c.explain.ig_steps = 0
+    with pytest.raises(ValueError, match="config.explain: .*ig_steps must be >= 1"):
+        cli.explain_options(c, with_mask, 0)
+    c.explain.ig_steps = 8
+    c.explain.unlock()
+    c.explain.ig_stepz = 3
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['ig_stepz'\]"):
+        cli.explain_options(c, with_mask, 0)

@@ -52,6 +52,30 @@ def method_names(spec: str | Sequence[str]) -> list[str]:
     return names
 
 
+def explain_options(config: ml_collections.ConfigDict, tokenizer, pad_token_id: int,
+                    **overrides) -> "methods.ExplainOptions":
+    """`config.explain` (+ `overrides`) as ExplainOptions; the baseline token of integrated
+    gradients and occlusion is the tokenizer's mask token (its pad token when it has none)."""
+    from medcode_jax.explain import methods
+
+    baseline = tokenizer.mask_token_id
+    if baseline is None:
+        baseline = pad_token_id
+    known = {f.name for f in dataclasses.fields(methods.ExplainOptions)}
+    configured = dict(config.get("explain", {}))
+    unknown = sorted(set(configured) - known)
+    if unknown:
+        raise ValueError(f"config.explain has unknown field(s) {unknown}; known: "
+                         f"{sorted(known - {'baseline_token_id'})}")
+    if configured.get("code_batch") == 0:
+        configured["code_batch"] = None  # the backend's default
+    wanted = {"baseline_token_id": int(baseline), **configured, **overrides}
+    try:
+        return methods.ExplainOptions(**{k: v for k, v in wanted.items() if k in known})
+    except ValueError as e:
+        raise ValueError(f"config.explain: {e}") from None
+
+
 def compile_method(run: train.Run, method: str, tokenizer, **options) -> Callable:
     """Jitted `fn(inputs{input_ids, attention_mask, token_mask}, codes [B, K], key)
     -> scores [B, K, T]` bound to the run's current state."""
@@ -60,12 +84,7 @@ def compile_method(run: train.Run, method: str, tokenizer, **options) -> Callabl
     if method not in methods.METHODS:
         raise ValueError(f"unknown explanation method {method!r}; use one of "
                          f"{', '.join(methods.METHODS)}")
-    baseline = tokenizer.mask_token_id
-    if baseline is None:
-        baseline = run.ds.pad_token_id
-    known = {f.name for f in dataclasses.fields(methods.ExplainOptions)}
-    wanted = {"baseline_token_id": int(baseline), **options}
-    opts = methods.ExplainOptions(**{k: v for k, v in wanted.items() if k in known})
+    opts = explain_options(run.config, tokenizer, run.ds.pad_token_id, **options)
     fn = methods.make_explain_fn(run.graphdef, method, opts)
     rows = shd.batch_sharding(run.mesh)
     jitted = jax.jit(fn, in_shardings=(run.state_shardings.params, run.state_shardings.frozen,
