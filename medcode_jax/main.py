@@ -196,11 +196,14 @@ def _plmrr(config) -> None:
                                flavour=_EXPORT_FLAVOUR.value)
         logging.info("exported to %s", out)
     elif _MODE.value == "explain":
-        raise app.UsageError("--mode=explain supports PLM-ICD / PLM-CA runs, not PLM-RR")
+        raise app.UsageError("--mode=explain supports PLM-ICD / PLM-CA runs; for PLM-RR use "
+                             "--mode=predict --explain=METHOD (evidence per re-ranked code), or "
+                             "--mode=explain on its retriever's workdir with configs/plmca.py")
     else:
         if not (_INPUT.value and _OUTPUT.value):
             raise app.UsageError("--mode=predict needs --input and --output")
-        count = pipelines.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
+        count = pipelines.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
+                                  explain=_EXPLAIN.value)
         logging.info("wrote predictions for %d documents to %s", count, _OUTPUT.value)
 
 

@@ -23,6 +23,7 @@ candidate logits into cascade scores over all C codes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -473,11 +474,14 @@ def export(config: ml_collections.ConfigDict, workdir: str, export_dir: str | No
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, output: str,
-            max_codes: int = 50) -> int:
+            max_codes: int = 50, explain: str | None = None) -> int:
     """`--mode=predict` for PLM-RR: the retriever proposes the top K codes of each note (text
     files or shards:<split>), the re-ranker scores them; JSONL per document with the top codes
-    by cascade score, each with its re-ranker and retriever probabilities and the note tokens
-    its description attended to most."""
+    by cascade score, each with its re-ranker and retriever probabilities and its evidence
+    words (character offsets into the note, like medcode_jax.predict): the note tokens its
+    description attended to most, or `explain`'s scores (medcode_jax.explain.methods; every
+    method but attgrad). An empty or whitespace-only note gets an error line instead of codes.
+    Returns the number of lines written."""
     from medcode_jax import input_pipeline, predict as predict_lib
 
     retriever, rerank = load(config, workdir)
@@ -487,6 +491,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
     k, num_labels = int(config.rerank.k), rerank.ds.num_labels
     k_max = k_max_for(config, num_labels)
     num_codes = min(max(config.train.predictions_top_k, 1), max_codes, k)
+    explain_fn = None
+    if explain:
+        from medcode_jax.explain import cli
+
+        if explain == "attgrad":
+            raise ValueError("--explain=attgrad is not available for PLM-RR (its attention is a "
+                             "mean over description tokens and heads, not an input of its "
+                             "logits); use attingrad, gradient_x_input, integrated_gradients, "
+                             "occlusion, attention, attention_rollout or random")
+        explain_fn = cli.compile_method(rerank, explain, tokenizer)
 
     @jax.jit
     def retrieve(params, frozen, rest, ids, mask):
@@ -497,53 +511,86 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
     @jax.jit
     def rerank_step(params, frozen, rest, ids, mask, cands, scores):
         model = nnx.merge(rerank.graphdef, params, frozen, rest)
-        logits, attention = model(ids, mask, cands, scores, return_attention=True)
-        weights, positions = jax.lax.top_k(attention, predict_lib.TOP_TOKENS)
-        return logits, weights, positions
+        return model(ids, mask, cands, scores, return_attention=True)  # [B, K], [B, K, T]
 
     if input_spec.startswith("shards:"):
-        batches = train.Evaluator(rerank).batches(input_spec.split(":", 1)[1])
+        groups = (predict_lib.TextGroup(b, [], []) for b in
+                  predict_lib.shard_batches(rerank, input_spec.split(":", 1)[1], tokenizer))
     else:
         if jax.process_count() > 1:
             raise ValueError("predicting text files runs on one process; use shards:<split>")
-        batches = predict_lib._text_batches(rerank, input_spec, tokenizer)
+        groups = predict_lib.text_batches(rerank, input_spec, tokenizer)
     count = 0
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as out:
-        for batch in batches:
-            ids = input_pipeline.to_global({"input_ids": batch["input_ids"],
-                                            "attention_mask": batch["attention_mask"]},
-                                           rerank.mesh)
-            r = retriever.state
-            top_ids, top_logits = (np.asarray(x) for x in retrieve(
-                r.params, r.frozen, retriever.rest, ids["input_ids"], ids["attention_mask"]))
-            s = rerank.state
-            logits, weights, positions = (np.asarray(x) for x in rerank_step(
-                s.params, s.frozen, rerank.rest, ids["input_ids"], ids["attention_mask"],
-                top_ids[:, :k], top_logits[:, :k]))
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    key = jax.random.key(config.train.seed)
+    with (open(tmp, "w", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
+        for index, group in enumerate(groups):
+            if group.batch is None:  # only empty notes in this group
+                if writer:
+                    count += _write_rr(out, None, group, rerank, threshold, num_codes)
+                continue
+            batch = group.batch
+            inputs = input_pipeline.to_global(
+                {f: batch[f] for f in ("input_ids", "attention_mask", "token_mask")},
+                rerank.mesh)
+            r, s = retriever.state, rerank.state
+            top_ids, top_logits = retrieve(r.params, r.frozen, retriever.rest,
+                                           inputs["input_ids"], inputs["attention_mask"])
+            cands, cand_scores = top_ids[:, :k], top_logits[:, :k]
+            logits, rows = rerank_step(s.params, s.frozen, rerank.rest, inputs["input_ids"],
+                                       inputs["attention_mask"], cands, cand_scores)
+            if explain_fn is not None:
+                rows = explain_fn(dict(inputs, candidate_scores=cand_scores), cands,
+                                  jax.random.fold_in(key, index))
+            top_ids, top_logits, logits, rows = (train.host_rows(x) for x in
+                                                 (top_ids, top_logits, logits, rows))
             probs = candidates.cascade_probs(logits, top_ids[:, :k], top_ids, top_logits,
                                              num_labels, mode=config.rerank.score_fill)
-            for row in np.flatnonzero(batch["valid"]):
-                order = np.argsort(-logits[row], kind="stable")[:num_codes]
-                entries = []
-                for slot in order:
-                    label = int(top_ids[row, slot])
-                    pos = positions[row, slot]
-                    tokens = tokenizer.convert_ids_to_tokens(
-                        [int(i) for i in batch["input_ids"][row, pos]])
-                    entries.append({
-                        "code": rerank.ds.label_space[label],
-                        "description": rerank.ds.descriptions[label],
-                        "probability": round(float(probs[row, label]), 6),
-                        "above_threshold": bool(probs[row, label] > threshold),
-                        "retriever_probability": round(
-                            float(1.0 / (1.0 + np.exp(-top_logits[row, slot]))), 6),
-                        "retriever_rank": int(slot) + 1,
-                        "top_tokens": [{"token": t, "position": int(p), "weight": round(float(w), 6)}
-                                       for t, p, w in zip(tokens, pos, weights[row, slot])]})
-                doc_id = batch["doc_ids"][row]
-                doc_id = doc_id.item() if isinstance(doc_id, np.generic) else doc_id
-                out.write(json.dumps({"doc_id": doc_id, "threshold": threshold,
-                                      "codes": entries}) + "\n")
-                count += 1
+            if not group.docs:  # shards: decode the rows into documents
+                host = {f: train.host_rows(batch[f]) if jax.process_count() > 1 else batch[f]
+                        for f in ("input_ids", "attention_mask", "token_mask", "valid",
+                                  "doc_ids")}
+                group = predict_lib.TextGroup(
+                    batch, predict_lib.shard_documents(tokenizer, host),
+                    [("doc", row) for row in np.flatnonzero(host["valid"])])
+            if writer:
+                count += _write_rr(out, (top_ids, top_logits, logits, rows, probs), group,
+                                   rerank, threshold, num_codes)
+    if writer:
+        os.replace(tmp, output)  # never a half-written predictions file
     return count
+
+
+def _write_rr(out, results, group, rerank: train.Run, threshold: float, num_codes: int) -> int:
+    from medcode_jax import predict as predict_lib
+
+    written = 0
+    for kind, item in group.order:
+        if kind == "error":
+            out.write(json.dumps(item) + "\n")
+            written += 1
+            continue
+        row = int(item)
+        top_ids, top_logits, logits, rows, probs = results
+        order = np.argsort(-logits[row], kind="stable")[:num_codes]
+        doc = group.docs[row]
+        words = predict_lib.evidence(rows[row][order], doc, predict_lib.TOP_TOKENS)
+        entries = []
+        for slot, evidence in zip(order, words):
+            label = int(top_ids[row, slot])
+            entries.append({
+                "code": rerank.ds.label_space[label],
+                "description": rerank.ds.descriptions[label],
+                "probability": round(float(probs[row, label]), 6),
+                "above_threshold": bool(probs[row, label] > threshold),
+                "retriever_probability": round(
+                    float(1.0 / (1.0 + np.exp(-top_logits[row, slot]))), 6),
+                "retriever_rank": int(slot) + 1,
+                "evidence": evidence})
+        out.write(json.dumps({"doc_id": doc.doc_id, "threshold": threshold,
+                              "codes": entries}) + "\n")
+        written += 1
+    return written

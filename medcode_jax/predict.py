@@ -85,14 +85,6 @@ def text_batches(run: train.Run, pattern: str, tokenizer) -> Iterator[TextGroup]
         yield TextGroup(pad_documents(run, docs) if docs else None, docs, order)
 
 
-def _text_batches(run: train.Run, pattern: str, tokenizer) -> Iterator[dict[str, np.ndarray]]:
-    """The padded batches of `text_batches` only (PLM-RR's predict in medcode_jax.pipelines;
-    empty notes are skipped there, with the warning)."""
-    for group in text_batches(run, pattern, tokenizer):
-        if group.batch is not None:
-            yield group.batch
-
-
 def pad_documents(run: train.Run, docs: list[report.Document]) -> dict[str, np.ndarray]:
     """Documents -> one eval-size batch padded to the run's bucket (filler rows invalid)."""
     c = run.config

@@ -164,14 +164,24 @@ def test_main_eval_export_and_predict_for_plmrr(assets, finished, tmp_path):
     assert saved["val"]["f1_micro"] == pytest.approx(
         _read(os.path.join(workdir, "reranker", "metrics.json"))["val"]["f1_micro"], abs=1e-6)
     predictions = str(tmp_path / "pred.jsonl")
-    main("--mode=predict", f"--input={notes}/*.txt", f"--output={predictions}")
+    (notes / "c.txt").write_text("  \n\t ", encoding="utf-8")  # whitespace only
+    # evidence from an explanation method of the re-ranker (one compiled program more)
+    main("--mode=predict", f"--input={notes}/*.txt", f"--output={predictions}",
+         "--explain=attingrad")
     with open(predictions, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    assert [r["doc_id"] for r in rows] == ["a.txt", "b.txt"]
-    for row in rows:
+    assert [r["doc_id"] for r in rows] == ["a.txt", "b.txt", "c.txt"]
+    assert "codes" not in rows[2] and rows[2]["error"].startswith("empty note")
+    for row in rows[:2]:
+        text = (notes / row["doc_id"]).read_text(encoding="utf-8")
         assert len(row["codes"]) == 4  # min(predictions_top_k, K)
+        assert sorted(e["retriever_rank"] for e in row["codes"]) == [1, 2, 3, 4]
         for entry in row["codes"]:
-            assert 1 <= entry["retriever_rank"] <= 4 and entry["top_tokens"]
+            assert entry["evidence"] and all(
+                text[w["start"]:w["end"]] == w["text"] for w in entry["evidence"]), entry
+            # word scores: shares of the note's attribution (rounded), best first
+            scores = [w["score"] for w in entry["evidence"]]
+            assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.001, entry
     main("--mode=export")
     export_dir = os.path.join(workdir, "export")
     config = _read(os.path.join(export_dir, "config.json"))
