@@ -168,11 +168,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Attribution settings of --mode=explain / --mode=predict --explain
     # (medcode_jax/explain/methods.py ExplainOptions). Integrated gradients: integration points
     # (captum's default 50; cost grows linearly), "gausslegendre" (captum's default) or
-    # "trapezoid", points evaluated together per step, and whether to multiply by (input -
-    # baseline) (False = the reference, captum multiply_by_inputs=False).
+    # "trapezoid", points evaluated together per step (memory grows with it: 1 needs what
+    # attingrad needs; 10 points of 16 x 512-token notes took 17 GB on a 6-layer MiniLM), and
+    # whether to multiply by (input - baseline) (False = the reference, captum
+    # multiply_by_inputs=False).
     c.explain.ig_steps = 50
     c.explain.ig_method = "gausslegendre"
-    c.explain.ig_batch = 10
+    c.explain.ig_batch = 1
     c.explain.ig_multiply_by_inputs = False
     # Per-code backward passes vectorised together; 0 = the backend's default (1 on CPU, 16 on
     # accelerators).
