@@ -530,7 +530,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
         for index, group in enumerate(groups):
             if group.batch is None:  # only empty notes in this group
                 if writer:
-                    count += _write_rr(out, None, group, rerank, threshold, num_codes)
+                    count += predict_lib.write_group(out, group, threshold, None)
                 continue
             batch = group.batch
             inputs = input_pipeline.to_global(
@@ -549,48 +549,36 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
                                                  (top_ids, top_logits, logits, rows))
             probs = candidates.cascade_probs(logits, top_ids[:, :k], top_ids, top_logits,
                                              num_labels, mode=config.rerank.score_fill)
-            if not group.docs:  # shards: decode the rows into documents
-                host = {f: train.host_rows(batch[f]) if jax.process_count() > 1 else batch[f]
-                        for f in ("input_ids", "attention_mask", "token_mask", "valid",
-                                  "doc_ids")}
-                group = predict_lib.TextGroup(
-                    batch, predict_lib.shard_documents(tokenizer, host),
-                    [("doc", row) for row in np.flatnonzero(host["valid"])])
+            group = predict_lib.with_documents(group, tokenizer)
+            results = (top_ids, top_logits, logits, rows, probs)
             if writer:
-                count += _write_rr(out, (top_ids, top_logits, logits, rows, probs), group,
-                                   rerank, threshold, num_codes)
+                count += predict_lib.write_group(
+                    out, group, threshold,
+                    lambda row, doc: _rr_entries(results, row, doc, rerank, threshold,
+                                                 num_codes))
     if writer:
         os.replace(tmp, output)  # never a half-written predictions file
     return count
 
 
-def _write_rr(out, results, group, rerank: train.Run, threshold: float, num_codes: int) -> int:
+def _rr_entries(results, row: int, doc, rerank: train.Run, threshold: float,
+                num_codes: int) -> list[dict]:
+    """The top `num_codes` candidates of one document by re-ranker score, with evidence."""
     from medcode_jax import predict as predict_lib
 
-    written = 0
-    for kind, item in group.order:
-        if kind == "error":
-            out.write(json.dumps(item) + "\n")
-            written += 1
-            continue
-        row = int(item)
-        top_ids, top_logits, logits, rows, probs = results
-        order = np.argsort(-logits[row], kind="stable")[:num_codes]
-        doc = group.docs[row]
-        words = predict_lib.evidence(rows[row][order], doc, predict_lib.TOP_TOKENS)
-        entries = []
-        for slot, evidence in zip(order, words):
-            label = int(top_ids[row, slot])
-            entries.append({
-                "code": rerank.ds.label_space[label],
-                "description": rerank.ds.descriptions[label],
-                "probability": round(float(probs[row, label]), 6),
-                "above_threshold": bool(probs[row, label] > threshold),
-                "retriever_probability": round(
-                    float(1.0 / (1.0 + np.exp(-top_logits[row, slot]))), 6),
-                "retriever_rank": int(slot) + 1,
-                "evidence": evidence})
-        out.write(json.dumps({"doc_id": doc.doc_id, "threshold": threshold,
-                              "codes": entries}) + "\n")
-        written += 1
-    return written
+    top_ids, top_logits, logits, rows, probs = results
+    order = np.argsort(-logits[row], kind="stable")[:num_codes]
+    words = predict_lib.evidence(rows[row][order], doc, predict_lib.TOP_TOKENS)
+    entries = []
+    for slot, evidence in zip(order, words):
+        label = int(top_ids[row, slot])
+        entries.append({
+            "code": rerank.ds.label_space[label],
+            "description": rerank.ds.descriptions[label],
+            "probability": round(float(probs[row, label]), 6),
+            "above_threshold": bool(probs[row, label] > threshold),
+            "retriever_probability": round(
+                float(1.0 / (1.0 + np.exp(-top_logits[row, slot]))), 6),
+            "retriever_rank": int(slot) + 1,
+            "evidence": evidence})
+    return entries

@@ -201,38 +201,45 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
                 if explain_fn is not None:
                     rows = explain_fn(inputs, codes, jax.random.fold_in(key, index))
                 results = [train.host_rows(x) for x in (probs, codes, rows)]
-                host = {k: train.host_rows(batch[k]) if jax.process_count() > 1 else batch[k]
-                        for k in ("input_ids", "attention_mask", "token_mask", "valid",
-                                  "doc_ids")}
-                if not group.docs:  # shards
-                    group = TextGroup(batch, shard_documents(tokenizer, host),
-                                      [("doc", r) for r in np.flatnonzero(host["valid"])])
+                group = with_documents(group, tokenizer)
             if writer:
-                count += _write(out, results, group, run, threshold)
+                count += write_group(out, group, threshold,
+                                     lambda row, doc: _entries(results, row, doc, run, threshold))
     if writer:
         os.replace(tmp, output)  # never a half-written predictions file
     return count
 
 
-def _write(out, results, group: TextGroup, run: train.Run, threshold: float) -> int:
-    written = 0
+def with_documents(group: TextGroup, tokenizer) -> TextGroup:
+    """A group of shards rows (no Documents yet) with its valid rows decoded into Documents;
+    a group of text files as it is."""
+    if group.docs or group.batch is None:
+        return group
+    host = {k: train.host_rows(group.batch[k]) if jax.process_count() > 1 else group.batch[k]
+            for k in ("input_ids", "attention_mask", "token_mask", "valid", "doc_ids")}
+    return TextGroup(group.batch, shard_documents(tokenizer, host),
+                     [("doc", row) for row in np.flatnonzero(host["valid"])])
+
+
+def write_group(out, group: TextGroup, threshold: float, entries) -> int:
+    """One JSON line per item of `group.order`, in input order: an empty note's error entry as
+    it is, a document as {"doc_id", "threshold", "codes": entries(row, doc)}."""
     for kind, item in group.order:
         if kind == "error":
-            out.write(json.dumps(item) + "\n")
-            written += 1
-            continue
-        row = int(item)
-        probs, codes, rows = results
-        doc = group.docs[row]
-        words = evidence(rows[row], doc, TOP_TOKENS)
-        entries = []
-        for k in range(codes.shape[1]):
-            label = int(codes[row, k])
-            entries.append({
-                "code": run.ds.label_space[label], "description": run.ds.descriptions[label],
-                "probability": round(float(probs[row, k]), 6),
-                "above_threshold": bool(probs[row, k] > threshold), "evidence": words[k]})
-        out.write(json.dumps({"doc_id": doc.doc_id, "threshold": threshold, "codes": entries})
-                  + "\n")
-        written += 1
-    return written
+            line = item
+        else:
+            doc = group.docs[int(item)]
+            line = {"doc_id": doc.doc_id, "threshold": threshold,
+                    "codes": entries(int(item), doc)}
+        out.write(json.dumps(line) + "\n")
+    return len(group.order)
+
+
+def _entries(results, row: int, doc: report.Document, run: train.Run,
+             threshold: float) -> list[dict]:
+    probs, codes, rows = results
+    words = evidence(rows[row], doc, TOP_TOKENS)
+    return [{"code": run.ds.label_space[int(label)],
+             "description": run.ds.descriptions[int(label)],
+             "probability": round(float(p), 6), "above_threshold": bool(p > threshold),
+             "evidence": w} for label, p, w in zip(codes[row], probs[row], words)]
