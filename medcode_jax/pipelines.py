@@ -23,7 +23,6 @@ candidate logits into cascade scores over all C codes.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -513,23 +512,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
         model = nnx.merge(rerank.graphdef, params, frozen, rest)
         return model(ids, mask, cands, scores, return_attention=True)  # [B, K], [B, K, T]
 
-    if input_spec.startswith("shards:"):
-        groups = (predict_lib.TextGroup(b, [], []) for b in
-                  predict_lib.shard_batches(rerank, input_spec.split(":", 1)[1], tokenizer))
-    else:
-        if jax.process_count() > 1:
-            raise ValueError("predicting text files runs on one process; use shards:<split>")
-        groups = predict_lib.text_batches(rerank, input_spec, tokenizer)
+    groups = predict_lib.input_groups(rerank, input_spec, tokenizer)
     count = 0
-    writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"
     key = jax.random.key(config.train.seed)
-    with (open(tmp, "w", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
+    with predict_lib.jsonl_output(output) as out:
         for index, group in enumerate(groups):
             if group.batch is None:  # only empty notes in this group
-                if writer:
+                if out is not None:
                     count += predict_lib.write_group(out, group, threshold, None)
                 continue
             batch = group.batch
@@ -551,13 +540,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
                                              num_labels, mode=config.rerank.score_fill)
             group = predict_lib.with_documents(group, tokenizer)
             results = (top_ids, top_logits, logits, rows, probs)
-            if writer:
+            if out is not None:
                 count += predict_lib.write_group(
                     out, group, threshold,
                     lambda row, doc: _rr_entries(results, row, doc, rerank, threshold,
                                                  num_codes))
-    if writer:
-        os.replace(tmp, output)  # never a half-written predictions file
     return count
 
 

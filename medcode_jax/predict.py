@@ -174,21 +174,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
         from medcode_jax.explain import cli
 
         explain_fn = cli.compile_method(run, explain, tokenizer)
-    if input_spec.startswith("shards:"):
-        groups = (TextGroup(b, [], []) for b in
-                  shard_batches(run, input_spec.split(":", 1)[1], tokenizer))
-    else:
-        if jax.process_count() > 1:
-            raise ValueError("predicting text files runs on one process; use shards:<split> "
-                             "for multi-host prediction")
-        groups = text_batches(run, input_spec, tokenizer)
+    groups = input_groups(run, input_spec, tokenizer)
     count = 0
-    writer = jax.process_index() == 0  # only process 0 writes (all take part in the steps)
-    if writer:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"
     key = jax.random.key(config.train.seed)
-    with (open(tmp, "w", encoding="utf-8") if writer else contextlib.nullcontext()) as out:
+    with jsonl_output(output) as out:
         for index, group in enumerate(groups):
             results = None
             if group.batch is not None:
@@ -202,12 +191,39 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_spec: str, ou
                     rows = explain_fn(inputs, codes, jax.random.fold_in(key, index))
                 results = [train.host_rows(x) for x in (probs, codes, rows)]
                 group = with_documents(group, tokenizer)
-            if writer:
+            if out is not None:  # process 0 writes (all take part in the steps)
                 count += write_group(out, group, threshold,
                                      lambda row, doc: _entries(results, row, doc, run, threshold))
-    if writer:
-        os.replace(tmp, output)  # never a half-written predictions file
     return count
+
+
+def input_groups(run: train.Run, input_spec: str, tokenizer) -> Iterator[TextGroup]:
+    """`--input`: text files (a glob; one process) or shards:<split>, as TextGroups."""
+    if input_spec.startswith("shards:"):
+        return (TextGroup(b, [], []) for b in
+                shard_batches(run, input_spec.split(":", 1)[1], tokenizer))
+    if jax.process_count() > 1:
+        raise ValueError("predicting text files runs on one process; use shards:<split> for "
+                         "multi-host prediction")
+    return text_batches(run, input_spec, tokenizer)
+
+
+@contextlib.contextmanager
+def jsonl_output(output: str) -> Iterator:
+    """On process 0 a temporary file renamed to `output` when the block succeeds (never a
+    half-written predictions file; removed on error); None on the other processes."""
+    if jax.process_index() != 0:
+        yield None
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def with_documents(group: TextGroup, tokenizer) -> TextGroup:
