@@ -189,6 +189,23 @@ def _main(argv: list[str], monkeypatch, **later: str) -> None:
         flags.FLAGS.unparse_flags()
         monkeypatch.setattr(sys, "argv", ["main"] + argv)
         flags.FLAGS(sys.argv)
+    else:
+        # parsed by an earlier test of this worker (another file's workdir and assets): set
+        # this test's flags and config overrides by hand; the config file must be the same
+        for arg in argv:
+            name, _, value = arg[2:].partition("=")
+            if name == "config":
+                first = flags.FLAGS["config"].serialize().partition("=")[2]
+                assert os.path.realpath(first) == os.path.realpath(value), (first, value)
+            elif name.startswith("config."):
+                *path, leaf = name.split(".")[1:]
+                node = flags.FLAGS.config
+                for key in path:
+                    node = node[key]
+                old = node[leaf]
+                node[leaf] = type(old)(value) if old is not None else value
+            else:
+                flags.FLAGS[name].parse(value)
     for name, value in later.items():
         setattr(flags.FLAGS, name, value)
     main.main(["main"])
