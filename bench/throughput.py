@@ -76,11 +76,17 @@ import platform
 import sys
 import time
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
+
+from medcode_jax import hostmem  # noqa: E402
+
+# As `python -m medcode_jax.main` does, before anything starts threads (numpy's BLAS included);
+# both implementations run in this process, so both get it (MEDCODE_JAX_MALLOC=system: neither).
+MALLOC = hostmem.tune_malloc() if __name__ == "__main__" else None
+
+import numpy as np  # noqa: E402
 
 import rerank_step  # noqa: E402  (bench/rerank_step.py: hf_config, the stage-2 measurement)
 
@@ -489,7 +495,8 @@ def main() -> None:
                      "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
                      "xla_python_client_preallocate": os.environ.get(
                          "XLA_PYTHON_CLIENT_PREALLOCATE"),
-                     "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                     "host_malloc": MALLOC},
         "batch": {"docs": b, "padded_length": width, "chunks_per_doc": width // p["chunk"],
                   "lengths": [int(x) for x in batch["lengths"]], "real_tokens": real,
                   "padded_tokens": b * width, "real_token_fraction": real / (b * width)},
@@ -501,7 +508,7 @@ def main() -> None:
             f"{p['layers']} layers, chunk {p['chunk']}, {'bf16' if p['bf16'] else 'fp32'}; "
             f"jax on {jax_device.device_kind} ({backend}), torch on {device} "
             f"({result['settings']['torch']['threads']} threads); "
-            f"{result['flops']['train_step'] / 1e12:.3f} TFLOP/step")
+            f"{result['flops']['train_step'] / 1e12:.3f} TFLOP/step; {MALLOC}")
     print(head, flush=True)
 
     # All PyTorch work first (then its memory is released), then JAX.

@@ -13,9 +13,15 @@ from __future__ import annotations
 import logging as std_logging
 import os
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from medcode_jax import hostmem
+
+# Before JAX (or anything else) starts threads: glibc fixes its arenas when threads first
+# allocate. Run as a program only; importing this module changes nothing.
+_MALLOC = hostmem.tune_malloc() if __name__ == "__main__" else None
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -116,6 +122,8 @@ def main(argv: list[str]) -> None:
                                    process_id=_PROCESS_ID.value)
     logging.info("process %d/%d, local devices %s, all devices %d", jax.process_index(),
                  jax.process_count(), jax.local_devices(), jax.device_count())
+    if _MALLOC:
+        logging.info("%s", _MALLOC)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/plmca.py:demo")
