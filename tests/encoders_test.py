@@ -327,3 +327,24 @@ def test_config_rejects_heads_that_do_not_divide_hidden(tiny_bert):
     cfg = read_encoder_config(tiny_bert[1])
     with pytest.raises(ValueError, match="not divisible by num_attention_heads 5"):
         dataclasses.replace(cfg, num_heads=5)
+
+
+def test_dropout_keeps_the_configured_fraction_and_rescales():
+    """layers.Dropout (two 16-bit uniforms per threefry draw): keep rate 0.9 to within a few
+    binomial standard deviations, kept values scaled by 1/0.9, odd last axes, fresh masks per
+    key, identity when deterministic."""
+    from medcode_jax.models import layers
+
+    drop = layers.Dropout(0.1, rngs=nnx.Rngs(dropout=0))
+    x = jnp.ones((64, 33, 257), jnp.float32)  # odd last axis: the two halves are sliced back
+    y = jax.jit(lambda x, k: drop(x, deterministic=False, rngs=k))(x, jax.random.key(1))
+    kept = np.asarray(y) != 0
+    n = kept.size
+    assert abs(kept.mean() - 0.9) < 4 * np.sqrt(0.9 * 0.1 / n)
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+    # no structure along the last axis (the halves come from different bits)
+    cols = kept.mean(axis=(0, 1))
+    assert cols.min() > 0.8 and cols.max() < 0.97
+    y2 = drop(x, deterministic=False, rngs=jax.random.key(2))
+    assert not np.array_equal(np.asarray(y2) != 0, kept)
+    assert drop(x, deterministic=True) is x

@@ -59,7 +59,7 @@ class BertEmbeddings(nnx.Module):
                          param_dtype=param_dtype) if cfg.type_vocab_size > 0 else None)
         self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, dtype=layers.RESIDUAL_DTYPE,
                                            param_dtype=param_dtype)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+        self.dropout = layers.Dropout(cfg.hidden_dropout, rngs=rngs)
         self.roberta_positions = cfg.family == "roberta"
         self.pad_token_id = cfg.pad_token_id
         self.max_positions = cfg.max_position_embeddings
@@ -97,7 +97,7 @@ class BertAttention(nnx.Module):
         self.key = layers.Dense(d, d, axes=("embed", "heads"), **kw)
         self.value = layers.Dense(d, d, axes=("embed", "heads"), **kw)
         self.output = layers.Dense(d, d, axes=("heads", "embed"), **kw)
-        self.attention_dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+        self.attention_dropout = layers.Dropout(cfg.attention_dropout, rngs=rngs)
         self.num_heads = cfg.num_heads
 
     def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool,
@@ -142,7 +142,7 @@ class BertLayer(nnx.Module):
         self.mlp = BertMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.mlp_norm = layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
                                          dtype=layers.RESIDUAL_DTYPE, param_dtype=param_dtype)
-        self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+        self.dropout = layers.Dropout(cfg.hidden_dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool,
                  return_attention: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:

@@ -56,7 +56,7 @@ class ModernBertEmbeddings(nnx.Module):
                                      use_bias=cfg.options["norm_bias"],
                                      dtype=layers.RESIDUAL_DTYPE,
                                      param_dtype=param_dtype)
-        self.dropout = nnx.Dropout(cfg.options["embedding_dropout"], rngs=rngs)
+        self.dropout = layers.Dropout(cfg.options["embedding_dropout"], rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, *, deterministic: bool,
                  word_embeds: jax.Array | None = None) -> jax.Array:
@@ -76,7 +76,7 @@ class ModernBertAttention(nnx.Module):
                   param_dtype=param_dtype)
         self.qkv = layers.FusedDense(d, 3, d, axes=("embed", "qkv", "heads"), **kw)
         self.out = layers.Dense(d, d, axes=("heads", "embed"), **kw)
-        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)  # probabilities and output
+        self.dropout = layers.Dropout(cfg.attention_dropout, rngs=rngs)  # probabilities and output
         self.num_heads = cfg.num_heads
         self.theta = opts["global_rope_theta"] if layer_type == GLOBAL else opts["local_rope_theta"]
         self.window = None if layer_type == GLOBAL else opts["local_attention"] // 2

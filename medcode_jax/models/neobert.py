@@ -57,7 +57,7 @@ class NeoBertAttention(nnx.Module):
         # "heads" keeps whole heads on a device.
         self.qkv = layers.Dense(d, 3 * d, axes=("embed", "heads"), **kw)
         self.out = layers.Dense(d, d, axes=("heads", "embed"), **kw)
-        self.dropout = nnx.Dropout(0.0, rngs=rngs)
+        self.dropout = layers.Dropout(0.0, rngs=rngs)
         self.num_heads = cfg.num_heads
         self.impl = cfg.options.get("attention_impl", RUNTIME_OPTIONS["attention_impl"])
         self.backend = cfg.options.get("attention_backend", RUNTIME_OPTIONS["attention_backend"])
