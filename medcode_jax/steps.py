@@ -273,9 +273,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         part_zeros = {k: jnp.zeros((), jnp.float32) for k in io.loss_parts}
-        (loss, parts, grads), _ = jax.lax.scan(
-            body, (jnp.zeros((), jnp.float32), part_zeros, zeros),
-            (jnp.arange(accum_steps), micro))
+        carry = (jnp.zeros((), jnp.float32), part_zeros, zeros)
+        if accum_steps == 1:  # the same sums without a loop around the step
+            (loss, parts, grads), _ = body(carry, (jnp.int32(0),
+                                                   jax.tree.map(lambda x: x[0], micro)))
+        else:
+            (loss, parts, grads), _ = jax.lax.scan(body, carry, (jnp.arange(accum_steps), micro))
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
