@@ -15,8 +15,10 @@ PLM-CA cross-attention head, fp32, dropout 0.1 as in RoBERTa.
 
 - JAX: ``medcode_jax.train.train_and_evaluate`` as ``python -m medcode_jax.main`` runs it
   (``configs/plmca.py`` with this data, encoder, batch and epochs; checkpoints synchronous),
-  so the time includes compilation of every bucket shape, Orbax saves, metrics and writing
-  predictions.
+  so the time includes compilation of every bucket shape (a first run: no persistent
+  compilation cache unless ``JAX_COMPILATION_CACHE_DIR`` is set; ``medcode_jax.main`` keeps
+  one by default, so its next run with the same shapes skips compiling), Orbax saves, metrics
+  and writing predictions.
 - PyTorch: ``medcode_jax.torch_model``'s PLM-CA around ``transformers``' ``RobertaModel``
   (SDPA attention), trained as the reference trainer does it (train mode, BCE-with-logits
   mean, ``backward``, ``clip_grad_norm_(1.0)``, ``AdamW``, linear warm-up/decay scheduler
