@@ -54,12 +54,15 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from medcode_jax import hostmem  # noqa: E402
 
 MALLOC = hostmem.tune_malloc() if __name__ == "__main__" else None  # before any thread starts
 
 import numpy as np  # noqa: E402
+
+from throughput import parse_overrides  # noqa: E402  (bench/throughput.py: --set KEY=VALUE)
 
 PRESETS = {
     # a few minutes for both runs on a 2-core machine
@@ -243,16 +246,7 @@ def run_torch(p: dict, data_dir: str, encoder_dir: str, workdir: str) -> dict:
             "test_f1_micro": test["f1_micro"], "test_map": test["map"]}
 
 
-# --- report --------------------------------------------------------------------------------------
-
-def parse_overrides(pairs: list[str], p: dict) -> dict:
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in p:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {sorted(p)}")
-        p[key] = type(p[key])(value)
-    return p
-
+# --- main --------------------------------------------------------------------------------------
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
