@@ -48,6 +48,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -288,6 +289,8 @@ def main() -> None:
             workdir = os.path.join(tmp, f"run_{name}")
             os.makedirs(workdir)
             r = fn(p, data_dir, encoder_dir, workdir)
+            # the process's peak so far (PyTorch runs first, so JAX's figure is max of both)
+            r["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             r["train_docs_per_s"] = p["train_docs"] * p["epochs"] / r["wall_s"]
             r["docs_per_s_in_steps"] = p["train_docs"] * p["epochs"] / r["step_time_s"]
             r["other_s"] = r["wall_s"] - r["step_time_s"]
@@ -296,8 +299,8 @@ def main() -> None:
                   f"{r['step_time_s']:6.1f} s + other {r['other_s']:5.1f} s (start-up, "
                   f"validation, checkpoints, final evaluation); {r['train_docs_per_s']:.2f} "
                   f"train docs/s over the run, {r['docs_per_s_in_steps']:.2f} in the loop; "
-                  f"test micro-F1 "
-                  f"{100 * r['test_f1_micro']:.2f}", flush=True)
+                  f"test micro-F1 {100 * r['test_f1_micro']:.2f}; process peak RSS "
+                  f"{r['peak_rss_gib']:.2f} GiB", flush=True)
     if "jax" in result and "torch" in result:
         for key in ("wall_s", "step_time_s"):
             result[f"ratio_torch_over_jax_{key}"] = result["torch"][key] / result["jax"][key]
