@@ -83,7 +83,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 from medcode_jax import hostmem  # noqa: E402
 
 # As `python -m medcode_jax.main` does, before anything starts threads (numpy's BLAS included);
-# both implementations run in this process, so both get it (MEDCODE_JAX_MALLOC=system: neither).
+# both implementations run in this process, so both get it (MEDCODE_JAX_MALLOC=tuned: both).
 MALLOC = hostmem.tune_malloc() if __name__ == "__main__" else None
 
 import numpy as np  # noqa: E402

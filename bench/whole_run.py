@@ -33,8 +33,8 @@ PLM-CA cross-attention head, fp32, dropout 0.1 as in RoBERTa.
 
 Both run in this process, PyTorch first, then JAX, on the same threads
 (``torch.set_num_threads`` = the CPUs this process may use = XLA's pool) and with the same host
-allocator (``medcode_jax.hostmem``, as ``medcode_jax.main`` sets it; ``MEDCODE_JAX_MALLOC=system``
-gives both glibc's defaults). Reported: wall time of each whole run, training documents/s
+allocator (``medcode_jax.hostmem`` as ``medcode_jax.main`` sets it: glibc's defaults unless
+``MEDCODE_JAX_MALLOC=tuned``). Reported: wall time of each whole run, training documents/s
 over it, and the time in the training loop vs everything else (JAX: its ``metrics.jsonl``
 mean step time x steps, logged once per epoch so that no step waits for the host, which
 includes compiling the train step for each new bucket shape and fetching the batches; PyTorch: each step timed directly, the

@@ -1,4 +1,4 @@
-"""Host memory allocation for the training process: keep freed buffers instead of unmapping them.
+"""Host memory allocation (opt-in): keep freed step buffers instead of unmapping them.
 
 XLA:CPU allocates every temporary of a jitted step with ``malloc`` and frees it when the step
 ends. With glibc's defaults each large buffer is a fresh ``mmap`` (and big allocations made on
@@ -10,10 +10,18 @@ large blocks come from one heap that keeps what is freed: the step then reuses t
 (0 faults per step; the process's peak RSS is unchanged or lower, but memory freed after the
 peak is kept for reuse rather than returned to the system).
 
+The price is memory when shapes vary. A training run alternates its length buckets batch by
+batch (the epoch's batches are shuffled), each bucket's step wants a differently sized block,
+and blocks freed between long-lived ones cannot go back: the whole-run benchmark
+(``bench/whole_run.py --set epochs=1``, 4 buckets) peaked at 8.0 GiB RSS with this setting
+against 3.8 GiB with glibc's defaults, for 192 s against 200 s. So it is off by default and
+worth it where a step's shape stays the same (one length bucket, benchmarks, prediction over
+same-length inputs): ``MEDCODE_JAX_MALLOC=tuned``.
+
 It must run before the process starts threads (glibc fixes the arena count when threads first
 allocate), so ``medcode_jax.main`` and the benchmarks call it before importing JAX. It changes
-nothing on other C libraries or platforms, and nothing when ``MEDCODE_JAX_MALLOC=system``
-(glibc's defaults; also the choice when preloading jemalloc / tcmalloc yourself).
+nothing on other C libraries or platforms, and nothing unless ``MEDCODE_JAX_MALLOC=tuned``
+(default ``system``: glibc's defaults; also the choice when preloading jemalloc / tcmalloc).
 """
 from __future__ import annotations
 
@@ -40,12 +48,12 @@ def tune_malloc() -> str:
     global _applied
     if _applied is not None:
         return _applied
-    choice = os.environ.get(ENV, "tuned").strip().lower() or "tuned"
+    choice = os.environ.get(ENV, "system").strip().lower() or "system"
     if choice not in CHOICES:
         raise SystemExit(f"environment variable {ENV}={os.environ[ENV]!r}: use one of "
                          f"{', '.join(CHOICES)} (system = glibc's default allocation)")
     if choice == "system":
-        _applied = f"host malloc: glibc defaults ({ENV}=system)"
+        _applied = f"host malloc: glibc defaults ({ENV}=tuned keeps step buffers for reuse)"
     elif not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         _applied = "host malloc: unchanged (not glibc)"
     else:
@@ -53,6 +61,6 @@ def tune_malloc() -> str:
         mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
         failed = [param for param, value in SETTINGS if mallopt(param, value) != 1]
         _applied = ("host malloc: one arena, no per-buffer mmap, freed memory kept for reuse "
-                    f"({ENV}=system keeps glibc's defaults)" if not failed else
+                    f"({ENV}=tuned)" if not failed else
                     f"host malloc: mallopt refused parameters {failed}; glibc defaults kept")
     return _applied
