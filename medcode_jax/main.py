@@ -105,10 +105,26 @@ def _compilation_cache(flag: str) -> str | None:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "medcode_jax", "xla")
     if path != jax.config.jax_compilation_cache_dir:
+        try:  # JAX would fail at the first compilation instead
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            logging.warning("XLA compilation cache off: cannot create %s (%s); pass "
+                            "--compilation_cache=<writable dir> or none", path, e)
+            jax.config.update("jax_compilation_cache_dir", None)
+            return None
         jax.config.update("jax_compilation_cache_dir", path)
-        if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
+        if jax.config.jax_compilation_cache_max_size == -1 and _has_filelock():
             jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
+
+
+def _has_filelock() -> bool:
+    """JAX's size-bounded cache needs the `filelock` package (a transformers dependency)."""
+    try:
+        import filelock  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _multiprocess_env() -> bool:

@@ -30,6 +30,11 @@ def test_default_explicit_and_off(restore_cache_config, tmp_path, monkeypatch):
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert main._compilation_cache("") == os.path.join(str(tmp_path / "xdg"), "medcode_jax", "xla")
+    # an uncreatable directory: off with a warning, not a failure at the first compilation
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main._compilation_cache(str(blocker / "sub")) is None
+    assert jax.config.jax_compilation_cache_dir is None
     # off
     assert main._compilation_cache("None") is None
     assert jax.config.jax_compilation_cache_dir is None
