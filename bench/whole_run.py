@@ -11,7 +11,8 @@ Data: a prepared dataset written to a temporary directory (``data_prep.shards``)
 MIMIC-like note lengths (log-normal, median ``median_tokens``, clipped to [``min_tokens``,
 ``max_length``]), C codes, 8-24 codes per note drawn Zipf-like; random token ids.
 Model: a random-init RoBERTa (``transformers`` config saved with ``save_pretrained``) with the
-PLM-CA cross-attention head, fp32, dropout 0.1 as in RoBERTa.
+PLM-CA cross-attention head, fp32, dropout 0.1 as in RoBERTa (``rerank_step.hf_config``, the
+config ``bench/throughput.py`` uses).
 
 - JAX: ``medcode_jax.train.train_and_evaluate`` as ``python -m medcode_jax.main`` runs it
   (``configs/plmca.py`` with this data, encoder, batch and epochs; checkpoints synchronous),
@@ -63,6 +64,7 @@ MALLOC = hostmem.tune_malloc() if __name__ == "__main__" else None  # before any
 
 import numpy as np  # noqa: E402
 
+import rerank_step  # noqa: E402  (bench/rerank_step.py: hf_config, the Zipf code weights)
 from throughput import parse_overrides  # noqa: E402  (bench/throughput.py: --set KEY=VALUE)
 
 PRESETS = {
@@ -82,8 +84,7 @@ def write_dataset(out: str, p: dict) -> dict:
 
     rng = np.random.default_rng(p["seed"])
     c = p["num_labels"]
-    weights = 1.0 / np.arange(1, c + 1)
-    weights /= weights.sum()
+    weights = rerank_step._zipf(c)  # noqa: SLF001
     counts = {}
 
     def examples(split: str, n: int, first_id: int):
@@ -111,23 +112,13 @@ def write_dataset(out: str, p: dict) -> dict:
     return counts
 
 
-def hf_config(p: dict):
-    import transformers
-
-    return transformers.RobertaConfig(
-        vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"], intermediate_size=p["intermediate"],
-        max_position_embeddings=p["chunk"] + 2, type_vocab_size=1, pad_token_id=1,
-        bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1)
-
-
 def write_encoder(out: str, p: dict) -> None:
     import torch
     import transformers
 
     torch.manual_seed(p["seed"])
-    transformers.RobertaModel(hf_config(p), add_pooling_layer=False).save_pretrained(out)
+    model = transformers.RobertaModel(rerank_step.hf_config(p), add_pooling_layer=False)
+    model.save_pretrained(out)
 
 
 def jax_config(p: dict, data_dir: str, encoder_dir: str):
