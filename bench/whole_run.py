@@ -38,8 +38,8 @@ allocator (``medcode_jax.hostmem`` as ``medcode_jax.main`` sets it: glibc's defa
 ``MEDCODE_JAX_MALLOC=tuned``). Reported: wall time of each whole run, training documents/s
 over it, and the time in the training loop vs everything else (JAX: its ``metrics.jsonl``
 mean step time x steps, logged once per epoch so that no step waits for the host, which
-includes compiling the train step for each new bucket shape and fetching the batches; PyTorch: each step timed directly, the
-batch already fetched). Writes ``--out`` (default
+includes compiling the train step for each new bucket shape and fetching the batches;
+PyTorch: each step timed directly, the batch already fetched). Writes ``--out`` (default
 ``bench/results/whole_run_<preset>.json``).
 """
 from __future__ import annotations
