@@ -333,6 +333,44 @@ def make_eval_batches(ds, split: str, *, global_batch_size: int, chunk_size: int
     return iter(grain.MapDataset.source(plan).map(load).to_iter_dataset(_read_options()))
 
 
+# --------------------------------------------------------------------------- shapes ahead
+
+
+def train_buckets(ds, *, split: str = "train", global_batch_size: int, chunk_size: int,
+                  buckets: Sequence[int], seed: int, epoch: int, shuffle: bool = True,
+                  reserve_tokens: int = 0) -> tuple[int, ...]:
+    """The chunk counts the batches of ``epoch`` are padded to (``make_train_iterator``'s plan
+    with the same arguments), ascending: the train-step shapes that epoch compiles."""
+    lengths = ds.lengths(split)
+    if lengths.size == 0:
+        return ()
+    plan = _TrainPlan(lengths, global_batch_size=global_batch_size, chunk_size=chunk_size,
+                      buckets=buckets, seed=seed, shuffle=shuffle, process_index=0,
+                      local_batch_size=global_batch_size, reserve_tokens=reserve_tokens)
+    return tuple(sorted({int(n) for n in plan.epoch_batches(epoch)[1]}))
+
+
+def eval_buckets(ds, split: str, *, global_batch_size: int, chunk_size: int,
+                 buckets: Sequence[int], reserve_tokens: int = 0) -> tuple[int, ...]:
+    """The chunk counts ``make_eval_batches`` pads the batches of ``split`` to, ascending."""
+    lengths = ds.lengths(split)
+    if lengths.size == 0:
+        return ()
+    plan = _eval_plan(lengths, global_batch_size=global_batch_size, chunk_size=chunk_size,
+                      buckets=buckets, process_index=0, local_batch_size=global_batch_size,
+                      reserve_tokens=reserve_tokens)
+    return tuple(sorted({chunks for _, chunks in plan}))
+
+
+def filler_batch(ds, rows: int, chunks: int, *, chunk_size: int,
+                 max_evidence_codes: int = 0) -> Batch:
+    """A process-local batch of ``rows`` filler rows padded to ``chunks`` chunks: the fields,
+    dtypes and shapes of a real batch of that bucket (to compile its step ahead of time)."""
+    load = _LoadAndPad(None, chunk_size=chunk_size, num_labels=ds.num_labels,
+                       pad_id=ds.pad_token_id, max_evidence_codes=max_evidence_codes)
+    return load((np.full(rows, -1, np.int64), chunks))
+
+
 # --------------------------------------------------------------------------- host -> device
 
 

@@ -109,6 +109,9 @@ def k_max_for(config: ml_collections.ConfigDict, num_labels: int) -> int:
 class RerankFeeder(train.Feeder):
     """PLM-RR's host side of the loop (see the module docstring)."""
 
+    # the step's shapes depend on the candidates (distinct descriptions): not known ahead
+    static_shapes = False
+
     def __init__(self, config: ml_collections.ConfigDict, cache: candidates.CandidateCache,
                  num_labels: int, init_weights=None):
         r = config.rerank

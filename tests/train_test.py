@@ -304,3 +304,61 @@ def test_nonfinite_update_stops_at_its_step_without_waiting_for_a_log_step(asset
                          log_every_steps=1000, clip_norm=0.0, warmup_fraction=0.0)
     with pytest.raises(FloatingPointError, match=r"at step \d"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_every_step_shape_is_compiled_before_the_first_step(assets, tmp_path, monkeypatch):
+    """Two length buckets: `precompile` compiles the train step of both and the eval step of
+    every val/test shape, and nothing named `step` compiles after it (the jitted functions
+    reuse those executables). `train_buckets` / `eval_buckets` say what the iterators pad to."""
+    from medcode_jax import input_pipeline, train
+
+    config = tiny_config(assets, num_epochs=1, precompile_threads=2)
+    config.data.bucket_multiple = 2  # buckets of 2 and 4 chunks of 16 tokens
+    run = train.setup(config)
+    t, c = config.train, config.data
+    steps_per_epoch = input_pipeline.steps_per_epoch(run.ds, "train", t.global_batch_size)
+    it = input_pipeline.make_train_iterator(
+        run.ds, global_batch_size=t.global_batch_size, chunk_size=c.chunk_size,
+        buckets=run.buckets, seed=t.seed)
+    seen = {next(it)["input_ids"].shape[1] // c.chunk_size for _ in range(steps_per_epoch)}
+    planned = input_pipeline.train_buckets(run.ds, global_batch_size=t.global_batch_size,
+                                           chunk_size=c.chunk_size, buckets=run.buckets,
+                                           seed=t.seed, epoch=0)
+    assert set(planned) == seen and len(seen) == 2, (planned, seen)
+    eval_planned = set()
+    for split in ("val", "test"):
+        widths = {b["input_ids"].shape[1] // c.chunk_size for b in input_pipeline.make_eval_batches(
+            run.ds, split, global_batch_size=t.eval_batch_size, chunk_size=c.chunk_size,
+            buckets=run.buckets)}
+        assert set(input_pipeline.eval_buckets(
+            run.ds, split, global_batch_size=t.eval_batch_size, chunk_size=c.chunk_size,
+            buckets=run.buckets)) == widths
+        eval_planned |= widths
+    filler = input_pipeline.filler_batch(run.ds, 3, 2, chunk_size=c.chunk_size)
+    real = next(it)
+    assert {k: v.dtype for k, v in filler.items()} == {k: v.dtype for k, v in real.items()}
+    assert filler["input_ids"].shape == (3, 2 * c.chunk_size) and not filler["valid"].any()
+
+    compiled = []  # (after precompile?, function name) of every backend compilation
+    state = {"after": False}
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append((state["after"], kwargs.get("fun_name")))
+
+    original = train.precompile
+
+    def precompile_then_mark(*args, **kwargs):
+        original(*args, **kwargs)
+        state["after"] = True
+
+    monkeypatch.setattr(train, "precompile", precompile_then_mark)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    ahead = [name for after, name in compiled if not after and "step" in name]
+    late = [name for after, name in compiled if after and "step" in name]
+    assert len(ahead) == len(planned) + len(eval_planned), compiled
+    assert late == [], compiled
