@@ -15,7 +15,8 @@ on the device (host -> device copies are not timed). Random initialisation on bo
   clip 1.0), ``jax.jit(..., donate_argnums=0)`` as ``medcode_jax/train.py`` jits it; the model
   is ``plm_icd.create_plmicd`` (cross-attention head) around ``encoders.build_encoder``, compute
   dtype bfloat16 in the gpu preset (``config.train.dtype="bfloat16"``), parameters fp32.
-  Inference: ``steps.make_eval_step`` (sigmoid probabilities), jitted.
+  Inference: ``steps.make_eval_step`` (sigmoid probabilities), jitted with ``steps.jit_inference``
+  as the trainer jits it (on CPU: without XLA's YNNPACK fusions).
 - PyTorch: ``medcode_jax.torch_model``'s ``PLMICD`` + ``LabelCrossAttention`` around a
   ``transformers`` ``RobertaModel`` built from the same random config (SDPA attention, no
   pooler: the EMC reference's PLM-CA), run as the reference trainer runs it: train mode, the
@@ -299,7 +300,7 @@ def measure_jax(p: dict, batch: dict, *, steps: int, warmup: int) -> dict:
     train_step = jax.jit(steps_lib.make_train_step(
         graphdef, tx, optax.constant_schedule(5e-5), accum_steps=1, seed=0, skip_nonfinite=True),
         donate_argnums=(0,))
-    eval_step = jax.jit(steps_lib.make_eval_step(graphdef))
+    eval_step = steps_lib.jit_inference(steps_lib.make_eval_step(graphdef))  # as the trainer
     inputs = {k: jnp.asarray(batch[k]) for k in steps_lib.TRAIN_KEYS}
     eval_inputs = {k: inputs[k] for k in steps_lib.EVAL_KEYS}
     holder = {"state": state}

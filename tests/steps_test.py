@@ -142,3 +142,19 @@ def test_head_lr_multiplier_scales_only_the_head():
     np.testing.assert_allclose(u10[steps.HEAD_MODULE]["q"], 10 * u1[steps.HEAD_MODULE]["q"])
     np.testing.assert_allclose(u10[steps.HEAD_MODULE]["out"]["b"],
                                10 * u1[steps.HEAD_MODULE]["out"]["b"])
+
+
+def test_inference_programs_compile_without_ynn_fusions_on_cpu():
+    """`jit_inference` (every eval / prediction step) drops XLA:CPU's YNNPACK fusions, which
+    made the forward pass slower; a plain jit of the same function keeps them."""
+    def f(x, w):
+        h = jax.nn.gelu(x @ w)
+        return (h - h.mean(-1, keepdims=True)).sum()
+
+    x = jax.ShapeDtypeStruct((128, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    plain = jax.jit(f).lower(x, w).compile().as_text()
+    inference = steps.jit_inference(f, "cpu").lower(x, w).compile().as_text()
+    assert "__ynn_fusion" in plain and "__ynn_fusion" not in inference
+    assert steps.inference_compiler_options("gpu") is None
+    assert steps.inference_compiler_options("cpu") == steps.CPU_INFERENCE_OPTIONS
