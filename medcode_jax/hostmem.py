@@ -18,6 +18,11 @@ against 3.8 GiB with glibc's defaults, for 192 s against 200 s. So it is off by 
 worth it where a step's shape stays the same (one length bucket, benchmarks, prediction over
 same-length inputs): ``MEDCODE_JAX_MALLOC=tuned``.
 
+Transparent huge pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, read by glibc only at
+process start) were tried as a default instead: a fixed-shape step had ~5,000 faults instead of
+~360,000 (3.0 s against 3.8 s), but the whole-run epoch took 364 s against 183 s with glibc's
+defaults on the same machine (probably direct compaction for huge pages), so neither is set.
+
 It must run before the process starts threads (glibc fixes the arena count when threads first
 allocate), so ``medcode_jax.main`` and the benchmarks call it before importing JAX. It changes
 nothing on other C libraries or platforms, and nothing unless ``MEDCODE_JAX_MALLOC=tuned``
