@@ -165,8 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.predictions_top_k = 20
     # Compile the train step of every length bucket the first epoch uses and the eval step of
     # every bucket of val and test before the first step, this many at a time: 0 = auto (the
-    # CPU cores, at most 4, on a CPU or TPU backend; 1 on GPU), -1 = off (each shape compiles when its
-    # first batch comes). PLM-RR's shapes depend on its candidates: always compiled lazily.
+    # CPU cores, at most 4, on a CPU or TPU backend; 1 on GPU), -1 = off (each shape compiles
+    # when its first batch comes). PLM-RR's stage 2 depends on its candidates: always lazy.
     c.train.precompile_threads = 0
 
     c.explain = ml_collections.ConfigDict()
