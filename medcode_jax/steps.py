@@ -355,5 +355,5 @@ def jit_eval_step(step: Callable, state_shardings: TrainState, rest_shardings: A
                   mesh: jax.sharding.Mesh) -> Callable:
     return jit_inference(step, mesh.devices.flat[0].platform,
                          in_shardings=(state_shardings.params, state_shardings.frozen,
-                                                   rest_shardings, shd.batch_sharding(mesh)),
+                                       rest_shardings, shd.batch_sharding(mesh)),
                          out_shardings=shd.batch_sharding(mesh))

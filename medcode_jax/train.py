@@ -117,7 +117,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     if config.model.unmasked_padding not in plm_icd.UNMASKED_PADDINGS:
         raise ValueError(f"config.model.unmasked_padding={config.model.unmasked_padding!r}: use "
                          f"one of {plm_icd.UNMASKED_PADDINGS}")
-    if not isinstance(t.get("precompile_threads", 0), int) or t.get("precompile_threads", 0) < -1:
+    if not isinstance(t.precompile_threads, int) or t.precompile_threads < -1:
         raise ValueError(f"config.train.precompile_threads={t.precompile_threads!r}: use 0 (auto), "
                          "-1 (off) or a number of threads")
     if t.dtype not in DTYPES:
@@ -657,7 +657,7 @@ def precompile(run: Run, train_step, evaluator: "Evaluator", *, accum: int, teac
     bucket shapes of the whole-run benchmark's train step): 45 s one after the other, 36 s two
     at a time; on a host with more cores the programs compile side by side.
     """
-    threads = compile_threads(run.config.train.get("precompile_threads", 0))
+    threads = compile_threads(run.config.train.precompile_threads)
     if not threads or not run.feeder.static_shapes:
         return
     c, t = run.config, run.config.train
